@@ -1,1 +1,284 @@
-fn main() {}
+//! initcrypt: the early-boot half of VM disk encryption. See README.md and docs/design.md.
+
+use initcrypt::{boot, config, exit, keys, keyvol, kmsg, status};
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use argh::FromArgs;
+
+use config::BootParams;
+use exit::{Classify, Exit};
+
+/// initcrypt: find the key volume, open (and later encrypt in place) the LUKS volumes of this VM.
+#[derive(FromArgs)]
+struct Cli {
+    /// volumes.json to read (default /etc/initcrypt/volumes.json)
+    #[argh(option, default = "PathBuf::from(config::DEFAULT_PATH)")]
+    config: PathBuf,
+    /// debug output (also: initcrypt.debug on the kernel command line)
+    #[argh(switch)]
+    debug: bool,
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+// Subcommands of design §4 that later issues implement are parsed already, so the CLI contract
+// (and `--help`) is stable; their arguments are read once they do something.
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Boot(BootCmd),
+    Generator(GeneratorCmd),
+    Keys(KeysCmd),
+    Keyscript(KeyscriptCmd),
+    Encrypt(EncryptCmd),
+    EncryptImage(EncryptImageCmd),
+    Decrypt(DecryptCmd),
+    Status(StatusCmd),
+    Keyvol(KeyvolCmd),
+    Enable(EnableCmd),
+    Disable(DisableCmd),
+    Rotate(RotateCmd),
+    Check(CheckCmd),
+}
+
+/// find the key volume and open every configured volume (initramfs-tools path)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "boot")]
+struct BootCmd {}
+
+/// systemd generator: emit the initcrypt units for volumes.json (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "generator")]
+struct GeneratorCmd {
+    /// generator output directories: normal, early, late
+    #[argh(positional)]
+    dirs: Vec<String>,
+}
+
+/// write /run/cryptsetup-keys.d/<name>.key (0400) for each volume, or remove them
+#[derive(FromArgs)]
+#[argh(subcommand, name = "keys")]
+struct KeysCmd {
+    /// delete the key files instead of writing them
+    #[argh(switch)]
+    remove: bool,
+}
+
+/// print the key for $CRYPTTAB_NAME on stdout (initramfs-tools keyscript= contract)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "keyscript")]
+struct KeyscriptCmd {}
+
+/// encrypt a configured volume in place (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "encrypt")]
+struct EncryptCmd {
+    /// volume name from volumes.json
+    #[argh(positional)]
+    name: String,
+    /// run the pass online, after boot
+    #[argh(switch)]
+    online: bool,
+}
+
+/// encrypt an image or device with explicit paths (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "encrypt-image")]
+struct EncryptImageCmd {
+    /// data device or image file
+    #[argh(option)]
+    device: PathBuf,
+    /// detached LUKS2 header to create
+    #[argh(option)]
+    header: PathBuf,
+    /// file holding the passphrase
+    #[argh(option)]
+    key_file: PathBuf,
+    /// journal file (default: next to the header)
+    #[argh(option)]
+    journal: Option<PathBuf>,
+}
+
+/// decrypt a configured volume in place (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "decrypt")]
+struct DecryptCmd {
+    /// volume name from volumes.json
+    #[argh(positional)]
+    name: String,
+}
+
+/// show what each volume is, observed from the disks
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// machine-readable output with ADE's field names
+    #[argh(switch)]
+    json: bool,
+}
+
+/// show where the key volume is and which key files it holds (names and sizes, never contents)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "keyvol")]
+struct KeyvolCmd {
+    /// a block device or image file to read instead of scanning the machine
+    #[argh(option)]
+    device: Option<PathBuf>,
+    /// JSON output: {"device", "fat_type", "label", "files": [{"name", "size"}]}
+    #[argh(switch)]
+    json: bool,
+}
+
+/// want volumes encrypted (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "enable")]
+struct EnableCmd {
+    /// os, data or all
+    #[argh(option)]
+    volume_type: String,
+    /// format empty data disks instead of encrypting in place
+    #[argh(switch)]
+    format_empty: bool,
+}
+
+/// want volumes decrypted (not implemented yet)
+#[allow(dead_code)]
+#[derive(FromArgs)]
+#[argh(subcommand, name = "disable")]
+struct DisableCmd {
+    /// data, os or all
+    #[argh(option)]
+    volume_type: String,
+}
+
+/// replace the passphrase in every keyslot (not implemented yet)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rotate")]
+struct RotateCmd {}
+
+/// pre-flight checks only (not implemented yet)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct CheckCmd {}
+
+/// One failure, printed as one line by `main`.
+struct Failure {
+    exit: Exit,
+    line: String,
+}
+
+impl<E: std::error::Error + Classify> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            exit: e.exit(),
+            line: e.to_string(),
+        }
+    }
+}
+
+fn not_yet(what: &str) -> Result<(), Failure> {
+    Err(Failure {
+        exit: Exit::Usage,
+        line: format!("`initcrypt {what}` is not implemented in this version; nothing was done"),
+    })
+}
+
+fn keyvol_cmd(cmd: &KeyvolCmd, params: &BootParams) -> Result<(), Failure> {
+    let vols = match &cmd.device {
+        Some(dev) => vec![keyvol::open_path(dev)?],
+        None => keyvol::find(params.keyvol_timeout)?.0,
+    };
+    for kv in &vols {
+        if cmd.json {
+            let text = serde_json::to_string(kv).map_err(|e| Failure {
+                exit: Exit::Usage,
+                line: e.to_string(),
+            })?;
+            println!("{text}");
+        } else {
+            println!("{}  {}  label \"{}\"", kv.device, kv.fat_type, kv.label);
+            for f in &kv.files {
+                println!("  {:>8}  {}", f.size, f.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
+    let cfg = cli.config.as_path();
+    match &cli.cmd {
+        Cmd::Boot(_) => boot::run(cfg, params)?,
+        Cmd::Keys(k) if k.remove => keys::remove_all(cfg, params)?,
+        Cmd::Keys(_) => keys::write_all(cfg, params)?,
+        Cmd::Keyscript(_) => keys::keyscript(cfg, params)?,
+        Cmd::Status(s) => status::run(cfg, params, s.json)?,
+        Cmd::Keyvol(k) => keyvol_cmd(k, params)?,
+        Cmd::Generator(_) => not_yet("generator")?,
+        Cmd::Encrypt(_) => not_yet("encrypt")?,
+        Cmd::EncryptImage(_) => not_yet("encrypt-image")?,
+        Cmd::Decrypt(_) => not_yet("decrypt")?,
+        Cmd::Enable(_) => not_yet("enable")?,
+        Cmd::Disable(_) => not_yet("disable")?,
+        Cmd::Rotate(_) => not_yet("rotate")?,
+        Cmd::Check(_) => not_yet("check")?,
+    }
+    Ok(())
+}
+
+/// argv with `initcrypt-generator` (systemd's generator name) turned into `initcrypt generator`.
+fn normalised_args() -> (String, Vec<String>) {
+    let mut args: Vec<String> = std::env::args().collect();
+    let argv0 = args.first().cloned().unwrap_or_else(|| "initcrypt".into());
+    let base = Path::new(&argv0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if args.is_empty() {
+        args.push(argv0.clone());
+    }
+    if base == "initcrypt-generator" {
+        args.insert(1, "generator".into());
+    }
+    ("initcrypt".into(), args.split_off(1))
+}
+
+fn main() -> ExitCode {
+    let (cmd, args) = normalised_args();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cli = match Cli::from_args(&[cmd.as_str()], &refs) {
+        Ok(cli) => cli,
+        Err(early) => {
+            // --help succeeds on stdout; a usage error is exit 2 (argh's own default is 1).
+            return if early.status.is_ok() {
+                println!("{}", early.output);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "initcrypt: error: {}",
+                    early.output.trim_end().replace('\n', " ")
+                );
+                ExitCode::from(Exit::Usage.code())
+            };
+        }
+    };
+    let params = BootParams::from_system();
+    let debug = cli.debug || params.as_ref().map(|p| p.debug).unwrap_or(false);
+    kmsg::init(debug);
+    let result = params.map_err(Failure::from).and_then(|p| run(&cli, &p));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            log::error!("{}", f.line);
+            ExitCode::from(f.exit.code())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! initcrypt as a library: the binary's CLI (src/main.rs) and the fuzz targets use these modules.
+
+pub mod blockdev;
+pub mod boot;
+pub mod config;
+pub mod exit;
+mod ffi;
+pub mod keys;
+pub mod keyvol;
+pub mod kmsg;
+pub mod luks;
+pub mod secret;
+pub mod status;

@@ -1,0 +1,189 @@
+//! LUKS volumes through libcryptsetup: one typed handle per volume, a short-lived libcryptsetup context
+//! per operation (the library is not thread-safe and a context caches header state that a later
+//! operation must re-read), and errors that say which device and what to do.
+//!
+//! Everything about the volume is read from its header (LUKS1 or LUKS2, any cipher, PBKDF, sector
+//! size): volumes written by ADE or by stock cryptsetup open as they are.
+
+use std::path::{Path, PathBuf};
+
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptRequirement};
+use libcryptsetup_rs::consts::vals::EncryptionFormat;
+use libcryptsetup_rs::{CryptDevice, CryptInit, Either, LibcryptErr};
+
+use crate::exit::{Classify, Exit};
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no LUKS header in {header} ({detail}); check that header and device belong together")]
+    NotLuks { header: String, detail: String },
+    #[error("LUKS header {header} is missing; restore it from backup (luksHeaderRestore) or check the boot partition")]
+    HeaderMissing { header: String },
+    #[error("the key from {key_file} is rejected by every keyslot of {device}; restore the matching key to the key volume (re-stamp the encryption settings) — nothing was written")]
+    KeyRejected { device: String, key_file: String },
+    #[error("cannot open {device} as /dev/mapper/{name}: {detail}")]
+    Activate {
+        device: String,
+        name: String,
+        detail: String,
+    },
+    #[error("libcryptsetup failed on {device} while {during}: {detail}")]
+    Library {
+        device: String,
+        during: &'static str,
+        detail: String,
+    },
+}
+
+impl Classify for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::KeyRejected { .. } => Exit::KeyRejected,
+            Error::HeaderMissing { .. } => Exit::DeviceMissing,
+            _ => Exit::LayoutUnsupported,
+        }
+    }
+}
+
+fn errno_of(e: &LibcryptErr) -> Option<i32> {
+    match e {
+        LibcryptErr::IOError(io) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// What the header says about a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub version: u8,
+    pub uuid: String,
+    /// A LUKS2 reencryption (ADE's online flow, or `cryptsetup reencrypt`) is unfinished.
+    pub reencrypt_pending: bool,
+}
+
+/// A LUKS volume: its data device and where its header is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksVolume {
+    data: PathBuf,
+    /// Detached header file, or None when the header is at the start of `data`.
+    header: Option<PathBuf>,
+}
+
+impl LuksVolume {
+    pub fn new(data: &Path, header: Option<&Path>) -> Self {
+        LuksVolume {
+            data: data.to_path_buf(),
+            header: header.map(Path::to_path_buf),
+        }
+    }
+
+    fn header_path(&self) -> &Path {
+        self.header.as_deref().unwrap_or(&self.data)
+    }
+
+    fn header_name(&self) -> String {
+        self.header_path().display().to_string()
+    }
+
+    /// A fresh context with the header loaded.
+    fn context(&self) -> Result<CryptDevice, Error> {
+        if let Some(h) = &self.header {
+            if !h.exists() {
+                return Err(Error::HeaderMissing {
+                    header: h.display().to_string(),
+                });
+            }
+        }
+        let init = match &self.header {
+            Some(h) => {
+                CryptInit::init_with_data_device(Either::Right((h.as_path(), self.data.as_path())))
+            }
+            None => CryptInit::init(&self.data),
+        };
+        let mut dev = init.map_err(|e| Error::Library {
+            device: self.header_name(),
+            during: "initialising",
+            detail: e.to_string(),
+        })?;
+        dev.context_handle()
+            .load::<()>(None, None)
+            .map_err(|e| Error::NotLuks {
+                header: self.header_name(),
+                detail: e.to_string(),
+            })?;
+        match dev.format_handle().get_type() {
+            Ok(EncryptionFormat::Luks1) | Ok(EncryptionFormat::Luks2) => Ok(dev),
+            other => Err(Error::NotLuks {
+                header: self.header_name(),
+                detail: format!("type {other:?}"),
+            }),
+        }
+    }
+
+    pub fn info(&self) -> Result<Info, Error> {
+        let mut dev = self.context()?;
+        let version = match dev.format_handle().get_type() {
+            Ok(EncryptionFormat::Luks1) => 1,
+            _ => 2,
+        };
+        let uuid = dev
+            .status_handle()
+            .get_uuid()
+            .map(|u| u.to_string())
+            .map_err(|e| Error::Library {
+                device: self.header_name(),
+                during: "reading the UUID",
+                detail: e.to_string(),
+            })?;
+        let reencrypt_pending = version == 2
+            && dev
+                .luks2_flag_handle::<CryptRequirement>()
+                .persistent_flags_get()
+                .map(|f| {
+                    f.intersects(
+                        CryptRequirement::ONLINE_REENCRYPT | CryptRequirement::OFFLINE_REENCRYPT,
+                    )
+                })
+                .unwrap_or(false);
+        Ok(Info {
+            version,
+            uuid,
+            reencrypt_pending,
+        })
+    }
+
+    /// Check `key` against the keyslots without activating anything; returns the keyslot.
+    pub fn check_key(&self, key: &Secret, key_file: &str) -> Result<u32, Error> {
+        let mut dev = self.context()?;
+        dev.activate_handle()
+            .activate_by_passphrase(None, None, key.expose(), CryptActivate::empty())
+            .map_err(|e| self.activation_error(e, None, key_file))
+    }
+
+    /// Open the mapping `/dev/mapper/<name>`; returns the keyslot that matched.
+    pub fn activate(&self, name: &str, key: &Secret, key_file: &str) -> Result<u32, Error> {
+        std::fs::create_dir_all("/run/cryptsetup").ok(); // libcryptsetup's LUKS2 lock directory
+        let mut dev = self.context()?;
+        dev.activate_handle()
+            .activate_by_passphrase(Some(name), None, key.expose(), CryptActivate::empty())
+            .map_err(|e| self.activation_error(e, Some(name), key_file))
+    }
+
+    fn activation_error(&self, e: LibcryptErr, name: Option<&str>, key_file: &str) -> Error {
+        let device = self.data.display().to_string();
+        match errno_of(&e) {
+            Some(libc::EPERM) | Some(libc::ENOENT) => Error::KeyRejected {
+                device,
+                key_file: key_file.to_string(),
+            },
+            _ => Error::Activate {
+                device,
+                name: name.unwrap_or("(key check)").to_string(),
+                detail: format!(
+                    "{e}; see the libcryptsetup lines above (initcrypt.debug for more)"
+                ),
+            },
+        }
+    }
+}
