@@ -1,0 +1,62 @@
+"""Deciding PASS/FAIL from the serial transcript, the guest's @@facts and the disk images."""
+
+import re
+
+from .scenario import Scenario, expand
+
+FACT_RE = re.compile(r"@@([A-Za-z0-9_]+)=(.*)$")
+ALWAYS_ABSENT = ["Kernel panic"]
+
+
+def parse_facts(transcript: str) -> dict:
+    """@@NAME=VALUE lines (anywhere in a line); the last value of a name wins."""
+    facts = {}
+    for line in transcript.splitlines():
+        m = FACT_RE.search(line.rstrip("\r"))
+        if m:
+            facts[m.group(1)] = m.group(2)
+    return facts
+
+
+def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, sha_before: dict, sha_after: dict,
+          vm) -> list[str]:
+    """Every failed expectation as one line; empty list = PASS."""
+    where = str(scn.path)
+    failures = []
+    if vm.timed_out:
+        failures.append(f"timeout: QEMU still running after {scn.timeout:.0f} s (killed)")
+    failures += vm.hotplug_errors
+    if guest_facts.get("HARNESS_DONE") != "1":
+        failures.append("guest did not reach the end of /init (no @@HARNESS_DONE=1)")
+
+    pos = 0
+    for want in scn.expect_in_order:
+        want = expand(want, host_facts, where=where)
+        i = transcript.find(want, pos)
+        if i < 0:
+            earlier = transcript.find(want)
+            failures.append(f"expected in order: {want!r}" + (" (found, but before the previous expectation)"
+                                                               if earlier >= 0 else " (not found)"))
+        else:
+            pos = i + len(want)
+
+    for bad in ALWAYS_ABSENT + scn.expect_absent:
+        bad = expand(bad, host_facts, where=where)
+        if bad in transcript:
+            line = next(l for l in transcript.splitlines() if bad in l)
+            failures.append(f"forbidden text present: {bad!r} in line {line.strip()!r}")
+
+    for name, want in scn.expect_facts.items():
+        want = expand(want, host_facts, where=where)
+        got = guest_facts.get(name)
+        if got != want:
+            failures.append(f"fact @@{name}: expected {want!r}, got {got!r}")
+
+    for disk, checks in scn.expect_disk.items():
+        if "unchanged" in checks:
+            same = sha_before[disk] == sha_after[disk]
+            if checks["unchanged"] and not same:
+                failures.append(f"disk {disk}: image changed during the boot (sha256 differs)")
+            if not checks["unchanged"] and same:
+                failures.append(f"disk {disk}: image expected to change but is identical")
+    return failures

@@ -1,0 +1,56 @@
+"""qemu-harness/run: --list | --all | NAME..."""
+
+import argparse
+import sys
+
+from . import scenario
+from .binary import locate_binary
+from .prepare import prepare
+from .runner import run_scenario
+from .util import HarnessError, log
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qemu-harness/run", description="Boot initcrypt scenarios under QEMU/TCG.")
+    ap.add_argument("--list", action="store_true", help="list scenarios (name, default, description)")
+    ap.add_argument("--all", action="store_true", help="run every scenario with default = true")
+    ap.add_argument("--prepare-only", action="store_true", help="only install/fetch/build the cached parts")
+    ap.add_argument("names", nargs="*", metavar="NAME")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.list:
+            for name in scenario.all_names():
+                s = scenario.load(name)
+                print(f"{name:24} {'default' if s.default else 'extra  '}  {s.description}")
+            return 0
+        if args.prepare_only:
+            prepare()
+            return 0
+        names = list(args.names)
+        if args.all:
+            names += [n for n in scenario.all_names() if scenario.load(n).default and n not in names]
+        if not names:
+            ap.error("name at least one scenario, or --all, or --list")
+        scenarios = [scenario.load(n) for n in names]  # fail early on a bad file
+        prep = prepare()
+        binary = locate_binary()
+    except HarnessError as e:
+        log(f"error: {e}")
+        return 2
+
+    passed = failed = 0
+    for scn in scenarios:
+        log(f"--- {scn.name}: {scn.description}")
+        r = run_scenario(scn, prep, binary)
+        status = "PASS" if r.passed else "FAIL"
+        print(f"{status} {r.name} {r.wall:.1f}s {r.serial_log}", flush=True)
+        for f in r.failures:
+            print(f"    {f}", flush=True)
+        passed, failed = passed + r.passed, failed + (not r.passed)
+    print(f"{passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Scenario files: qemu-harness/scenarios/NAME.toml (format in qemu-harness/README.md).
+
+Placeholders {<disk>.<fact>} (and {key.<name>} for guest files/scripts) are expanded after the disks are built.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .util import HARNESS_DIR, HarnessError
+
+SCENARIO_DIR = HARNESS_DIR / "scenarios"
+
+TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
+            "guest_tools", "expect_in_order", "expect_absent", "expect_facts", "expect_disk"}
+DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly"}
+DISK_EXPECT_KEYS = {"unchanged"}
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\.([A-Za-z0-9_]+)\}")
+
+
+@dataclass
+class DiskSpec:
+    name: str
+    builder: str
+    bus: str = "virtio"
+    controller: int = 0
+    lun: int = 0
+    hotplug_after: float | None = None
+    readonly: bool = False
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    default: bool
+    memory: int
+    smp: int
+    timeout: float
+    kernel_args: str
+    disks: list[DiskSpec]
+    files: dict
+    guest_script: str
+    guest_tools: list[str]
+    expect_in_order: list[str]
+    expect_absent: list[str]
+    expect_facts: dict
+    expect_disk: dict
+    path: Path
+
+
+def _fail(path, msg):
+    raise HarnessError(f"{path}: {msg}")
+
+
+def load(name: str) -> Scenario:
+    path = SCENARIO_DIR / f"{name}.toml"
+    if not path.exists():
+        raise HarnessError(f"no scenario {name!r} ({path} missing; see --list)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        _fail(path, f"invalid TOML: {e}")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        _fail(path, f"unknown key(s) {sorted(unknown)}")
+    if "description" not in data or "guest_script" not in data:
+        _fail(path, "description and guest_script are required (in TOML, top-level keys go before the first [table])")
+
+    disks = []
+    for d in data.get("disk", []):
+        d = dict(d)
+        if "name" not in d or "builder" not in d:
+            _fail(path, "every [[disk]] needs name and builder")
+        if not NAME_RE.match(d["name"]) or d["name"] == "key":
+            _fail(path, f"disk name {d['name']!r} must match {NAME_RE.pattern} and not be 'key'")
+        attach = {k: d.pop(k) for k in list(d) if k in DISK_ATTACH_KEYS}
+        spec = DiskSpec(**attach, params=d)
+        if spec.bus not in ("virtio", "scsi"):
+            _fail(path, f"disk {spec.name}: bus must be virtio or scsi")
+        disks.append(spec)
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        _fail(path, "disk names must be unique")
+    luns = [(d.controller, d.lun) for d in disks if d.bus == "scsi"]
+    if len(set(luns)) != len(luns):
+        _fail(path, "two scsi disks on the same controller/lun")
+
+    expect_disk = data.get("expect_disk", {})
+    for disk, checks in expect_disk.items():
+        if disk not in names:
+            _fail(path, f"expect_disk.{disk}: no such disk")
+        if set(checks) - DISK_EXPECT_KEYS:
+            _fail(path, f"expect_disk.{disk}: unknown check(s) {sorted(set(checks) - DISK_EXPECT_KEYS)}")
+
+    return Scenario(
+        name=name, description=data["description"], default=bool(data.get("default", False)),
+        memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
+        kernel_args=data.get("kernel_args", ""), disks=disks, files=data.get("files", {}),
+        guest_script=data["guest_script"], guest_tools=data.get("guest_tools", []),
+        expect_in_order=data.get("expect_in_order", []), expect_absent=data.get("expect_absent", []),
+        expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
+        expect_disk=expect_disk, path=path)
+
+
+def all_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def expand(template: str, facts: dict, keys=None, *, where: str = "") -> str:
+    """Replace {disk.fact}; {key.NAME} only when keys (a KeyStore) is given. Unknown names are an error."""
+    def sub(m):
+        obj, attr = m.group(1), m.group(2)
+        if obj == "key" and keys is not None:
+            return keys.get(attr).decode()
+        if obj in facts and attr in facts[obj]:
+            return facts[obj][attr]
+        known = ", ".join(f"{d}.{f}" for d in facts for f in facts[d])
+        raise HarnessError(f"{where}: unknown placeholder {m.group(0)} (known: {known})")
+    return PLACEHOLDER_RE.sub(sub, template)
