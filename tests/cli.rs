@@ -1,0 +1,100 @@
+//! The CLI contract of design §4: exit codes, one-line errors, --help everywhere.
+
+mod common;
+
+use common::initcrypt;
+
+const SUBCOMMANDS: &[&str] = &[
+    "boot",
+    "generator",
+    "keys",
+    "keyscript",
+    "encrypt",
+    "encrypt-image",
+    "decrypt",
+    "status",
+    "keyvol",
+    "enable",
+    "disable",
+    "rotate",
+    "check",
+];
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in SUBCOMMANDS {
+        let out = initcrypt().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{sub} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{sub}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_and_unimplemented_never_succeeds() {
+    let out = initcrypt().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    for args in [
+        &["encrypt", "x"][..],
+        &["rotate"],
+        &["check"],
+        &["decrypt", "x"],
+        &["generator", "a", "b", "c"],
+    ] {
+        let out = initcrypt().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented"));
+    }
+    let out = initcrypt()
+        .env_remove("CRYPTTAB_NAME")
+        .arg("keyscript")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn invalid_config_exits_8_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("volumes.json");
+    std::fs::write(&cfg, r#"{"version":1,"volumes":[{"name":"d","role":"data","device":"/dev/sdc","key_file":"k","desired":"encrypted"}]}"#).unwrap();
+    let out = initcrypt()
+        .args(["--config", cfg.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(8));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("volumes[0].device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn status_json_reports_missing_devices_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("volumes.json");
+    std::fs::write(
+        &cfg,
+        r#"{"version":1,"volumes":[{"name":"d","role":"data","device":"UUID=00000000-dead-beef-0000-000000000000","key_file":"k","desired":"encrypted"}]}"#,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let out = initcrypt()
+        .args(["--config", cfg.to_str().unwrap(), "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "status must not wait for devices"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"], "NotMounted");
+    assert_eq!(v["os"], "NotEncrypted");
+    assert_eq!(v["volumes"][0]["name"], "d");
+}

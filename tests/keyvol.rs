@@ -1,0 +1,180 @@
+//! The key volume reader against images made by mkfs.vfat + mcopy (+ sfdisk), through the CLI and
+//! the library: every FAT type and layout, the lookup rule, exact key bytes, and refusals.
+
+mod common;
+
+use common::{ade_passphrase, fat_image, initcrypt, Layout};
+use initcrypt::keyvol;
+
+#[test]
+fn every_fat_type_and_layout_is_found_with_json_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ade_passphrase(1);
+    for fat in [12u8, 16, 32] {
+        for layout in [Layout::Whole, Layout::Mbr, Layout::Gpt] {
+            let name = format!("bek-{fat}-{layout:?}.img");
+            let img = fat_image(
+                dir.path(),
+                &name,
+                fat,
+                layout,
+                "BEK VOLUME",
+                &[("LinuxPassPhraseFileName", &key)],
+            );
+            let out = initcrypt()
+                .args(["keyvol", "--json", "--device", img.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["fat_type"], format!("FAT{fat}"), "{name}");
+            assert_eq!(v["label"], "BEK VOLUME");
+            assert_eq!(v["files"][0]["name"], "LinuxPassPhraseFileName");
+            assert_eq!(v["files"][0]["size"], 172);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                !stdout.contains(std::str::from_utf8(&key[..40]).unwrap()),
+                "listing must never show key bytes"
+            );
+            let kv = keyvol::open_path(&img).unwrap();
+            assert_eq!(
+                kv.key_for("LinuxPassPhraseFileName").unwrap().expose(),
+                &key[..],
+                "{name}: exact bytes"
+            );
+        }
+    }
+}
+
+#[test]
+fn key_bytes_are_never_trimmed_or_extended() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = b" pass with spaces and a newline\n\n";
+    let img = fat_image(
+        dir.path(),
+        "odd.img",
+        16,
+        Layout::Whole,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", odd)],
+    );
+    let kv = keyvol::open_path(&img).unwrap();
+    assert_eq!(kv.key_for("LinuxPassPhraseFileName").unwrap().expose(), odd);
+}
+
+#[test]
+fn lookup_rule_exact_then_single_candidate_else_error_listing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (ade_passphrase(2), ade_passphrase(3));
+    let two = fat_image(
+        dir.path(),
+        "two.img",
+        16,
+        Layout::Mbr,
+        "BEK VOLUME",
+        &[
+            ("LinuxPassPhraseFileName", &a),
+            ("LinuxPassPhraseFileName_0_1", &b),
+        ],
+    );
+    let kv = keyvol::open_path(&two).unwrap();
+    assert_eq!(
+        kv.key_for("LinuxPassPhraseFileName_0_1").unwrap().expose(),
+        &b[..]
+    );
+    assert_eq!(
+        kv.key_for("LinuxPassPhraseFileName").unwrap().expose(),
+        &a[..]
+    );
+    let err = kv
+        .key_for("LinuxPassPhraseFileName_0_2")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LinuxPassPhraseFileName, LinuxPassPhraseFileName_0_1"),
+        "{err}"
+    );
+
+    let one = fat_image(
+        dir.path(),
+        "one.img",
+        12,
+        Layout::Whole,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName_1_0", &b)],
+    );
+    let kv = keyvol::open_path(&one).unwrap();
+    assert_eq!(
+        kv.key_for("LinuxPassPhraseFileName").unwrap().expose(),
+        &b[..],
+        "the only candidate is used"
+    );
+}
+
+#[test]
+fn other_labels_empty_keys_and_garbage_are_refused_with_exit_3_or_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = fat_image(
+        dir.path(),
+        "other.img",
+        16,
+        Layout::Whole,
+        "DATA",
+        &[("LinuxPassPhraseFileName", b"x")],
+    );
+    let out = initcrypt()
+        .args(["keyvol", "--device", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error:")).count(),
+        1,
+        "one line: {err}"
+    );
+
+    let garbage = dir.path().join("garbage.img");
+    std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
+    let out = initcrypt()
+        .args(["keyvol", "--device", garbage.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+
+    let empty = fat_image(
+        dir.path(),
+        "empty.img",
+        16,
+        Layout::Whole,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", b"")],
+    );
+    let err = keyvol::open_path(&empty)
+        .unwrap()
+        .key_for("LinuxPassPhraseFileName")
+        .unwrap_err();
+    assert_eq!(initcrypt::exit::Classify::exit(&err).code(), 4);
+}
+
+#[test]
+fn reading_never_writes_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fat_image(
+        dir.path(),
+        "ro.img",
+        32,
+        Layout::Gpt,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", &ade_passphrase(4))],
+    );
+    let before = common::sha256(&img);
+    let kv = keyvol::open_path(&img).unwrap();
+    kv.key_for("LinuxPassPhraseFileName").unwrap();
+    drop(kv);
+    assert_eq!(common::sha256(&img), before);
+}
