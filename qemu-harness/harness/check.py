@@ -40,6 +40,11 @@ def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, s
         else:
             pos = i + len(want)
 
+    for want in scn.expect_present:
+        want = expand(want, host_facts, where=where)
+        if want not in transcript:
+            failures.append(f"expected somewhere: {want!r} (not found)")
+
     for bad in ALWAYS_ABSENT + scn.expect_absent:
         bad = expand(bad, host_facts, where=where)
         if bad in transcript:

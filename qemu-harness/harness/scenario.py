@@ -13,7 +13,7 @@ from .util import HARNESS_DIR, HarnessError
 SCENARIO_DIR = HARNESS_DIR / "scenarios"
 
 TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
-            "guest_tools", "expect_in_order", "expect_absent", "expect_facts", "expect_disk"}
+            "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk"}
 DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly"}
 DISK_EXPECT_KEYS = {"unchanged"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -46,6 +46,7 @@ class Scenario:
     guest_script: str
     guest_tools: list[str]
     expect_in_order: list[str]
+    expect_present: list[str]
     expect_absent: list[str]
     expect_facts: dict
     expect_disk: dict
@@ -101,7 +102,8 @@ def load(name: str) -> Scenario:
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files=data.get("files", {}),
         guest_script=data["guest_script"], guest_tools=data.get("guest_tools", []),
-        expect_in_order=data.get("expect_in_order", []), expect_absent=data.get("expect_absent", []),
+        expect_in_order=data.get("expect_in_order", []), expect_present=data.get("expect_present", []),
+        expect_absent=data.get("expect_absent", []),
         expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
         expect_disk=expect_disk, path=path)
 
