@@ -25,6 +25,8 @@ def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, s
     failures = []
     if vm.timed_out:
         failures.append(f"timeout: QEMU still running after {scn.timeout:.0f} s (killed)")
+    elif vm.returncode != 0:
+        failures.append(f"QEMU exited with rc {vm.returncode} (its own messages are in serial.log)")
     failures += vm.hotplug_errors
     if guest_facts.get("HARNESS_DONE") != "1":
         failures.append("guest did not reach the end of /init (no @@HARNESS_DONE=1)")

@@ -9,6 +9,8 @@ from .prepare import prepare
 from .runner import run_scenario
 from .util import HarnessError, log
 
+TAIL_LINES = 15
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qemu-harness/run", description="Boot initcrypt scenarios under QEMU/TCG.")
@@ -47,6 +49,9 @@ def main(argv=None) -> int:
         print(f"{status} {r.name} {r.wall:.1f}s {r.serial_log}", flush=True)
         for f in r.failures:
             print(f"    {f}", flush=True)
+        if not r.passed and r.serial_log.exists():
+            tail = r.serial_log.read_text(errors="replace").replace("\r", "").splitlines()[-TAIL_LINES:]
+            print(f"    --- last {len(tail)} lines of {r.serial_log.name}:", *(f"    | {t}" for t in tail), sep="\n")
         passed, failed = passed + r.passed, failed + (not r.passed)
     print(f"{passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
