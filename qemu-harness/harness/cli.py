@@ -35,10 +35,17 @@ def main(argv=None) -> int:
         if not names:
             ap.error("name at least one scenario, or --all, or --list")
         scenarios = [scenario.load(n) for n in names]  # fail early on a bad file
+    except HarnessError as e:
+        log(f"error: {e}")
+        return 2
+    try:
         prep = prepare()
         binary = locate_binary()
     except HarnessError as e:
         log(f"error: {e}")
+        for n in names:
+            print(f"FAIL {n} 0.0s (not run: preparation failed)", flush=True)
+        print(f"0 passed, {len(names)} failed", flush=True)
         return 2
 
     passed = failed = 0

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import HarnessError, parse_size, run, sha256_file
+from .util import HarnessError, parse_size, run
 
 MiB = 1 << 20
 SECTOR = 512

@@ -56,10 +56,6 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def parse_size(value) -> int:
     """'64M' / '1G' / '512K' / 4096 -> bytes (binary units)."""
     if isinstance(value, int):
@@ -69,9 +65,3 @@ def parse_size(value) -> int:
     if s and s[-1] in units:
         return int(s[:-1]) * units[s[-1]]
     return int(s)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
