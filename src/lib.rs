@@ -9,5 +9,6 @@ pub mod keys;
 pub mod keyvol;
 pub mod kmsg;
 pub mod luks;
+pub mod pass;
 pub mod secret;
 pub mod status;

@@ -7,9 +7,15 @@
 
 use std::path::{Path, PathBuf};
 
-use libcryptsetup_rs::consts::flags::{CryptActivate, CryptRequirement};
-use libcryptsetup_rs::consts::vals::EncryptionFormat;
-use libcryptsetup_rs::{CryptDevice, CryptInit, Either, LibcryptErr};
+use libcryptsetup_rs::consts::flags::{
+    CryptActivate, CryptPbkdf, CryptRequirement, CryptVolumeKey,
+};
+use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either,
+    LibcryptErr,
+};
+use zeroize::Zeroizing;
 
 use crate::exit::{Classify, Exit};
 use crate::secret::Secret;
@@ -61,6 +67,30 @@ pub struct Info {
     /// A LUKS2 reencryption (ADE's online flow, or `cryptsetup reencrypt`) is unfinished.
     pub reencrypt_pending: bool,
 }
+
+/// The data-path parameters of a volume, as our pass engine needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataParams {
+    pub cipher: String,
+    pub mode: String,
+    pub sector_size: u32,
+    /// Data offset and IV offset in 512-byte sectors (both 0 for ADE's detached layout).
+    pub data_offset: u64,
+    pub iv_offset: u64,
+    pub uuid: String,
+}
+
+/// How a new header protects its keyslot. The default suits ADE's 127-random-byte passphrases:
+/// a memory-hard KDF would only cost boot time and RAM (design §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatParams {
+    pub sector_size: u32,
+    pub uuid: uuid::Uuid,
+    pub pbkdf2_iterations: u32,
+}
+
+/// libcryptsetup's floor for PBKDF2 iterations.
+pub const MIN_PBKDF2_ITERATIONS: u32 = 1000;
 
 /// A LUKS volume: its data device and where its header is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +149,103 @@ impl LuksVolume {
                 detail: format!("type {other:?}"),
             }),
         }
+    }
+
+    /// Write a new LUKS2 header (aes-xts-plain64, 512-bit key, data offset 0) into the detached
+    /// header file, for `data`, with one keyslot for `key`. Nothing is written to `data`.
+    pub fn format_detached(
+        header: &Path,
+        data: &Path,
+        key: &Secret,
+        p: &FormatParams,
+    ) -> Result<LuksVolume, Error> {
+        let vol = LuksVolume::new(data, Some(header));
+        let lib = |during: &'static str| {
+            move |e: LibcryptErr| Error::Library {
+                device: header.display().to_string(),
+                during,
+                detail: e.to_string(),
+            }
+        };
+        let mut dev = CryptInit::init_with_data_device(Either::Right((header, data)))
+            .map_err(lib("initialising"))?;
+        let pbkdf = CryptPbkdfType {
+            type_: CryptKdf::Pbkdf2,
+            hash: Some("sha256".into()),
+            time_ms: 0,
+            iterations: p.pbkdf2_iterations.max(MIN_PBKDF2_ITERATIONS),
+            max_memory_kb: 0,
+            parallel_threads: 0,
+            flags: CryptPbkdf::NO_BENCHMARK,
+        };
+        dev.settings_handle()
+            .set_pbkdf_type(&pbkdf)
+            .map_err(lib("setting the PBKDF"))?;
+        let params = CryptParamsLuks2 {
+            pbkdf: None,
+            integrity: None,
+            integrity_params: None,
+            data_alignment: 0,
+            data_device: Some(data.to_path_buf()),
+            sector_size: p.sector_size,
+            label: None,
+            subsystem: None,
+        };
+        let mut pref: CryptParamsLuks2Ref =
+            (&params).try_into().map_err(lib("preparing the format"))?;
+        dev.context_handle()
+            .format::<CryptParamsLuks2Ref>(
+                EncryptionFormat::Luks2,
+                ("aes", "xts-plain64"),
+                Some(p.uuid),
+                Either::Right(64),
+                Some(&mut pref),
+            )
+            .map_err(lib("formatting the header"))?;
+        dev.keyslot_handle()
+            .add_by_key(None, None, key.expose(), CryptVolumeKey::empty())
+            .map_err(lib("adding the keyslot"))?;
+        Ok(vol)
+    }
+
+    /// The volume key and data parameters, unlocked with `key`. Wrong key: `KeyRejected`.
+    pub fn volume_key(
+        &self,
+        key: &Secret,
+        key_file: &str,
+    ) -> Result<(Zeroizing<Vec<u8>>, DataParams), Error> {
+        let mut dev = self.context()?;
+        let lib = |during: &'static str| {
+            let device = self.header_name();
+            move |e: LibcryptErr| Error::Library {
+                device,
+                during,
+                detail: e.to_string(),
+            }
+        };
+        let size = dev.status_handle().get_volume_key_size().max(0) as usize;
+        let mut vk = Zeroizing::new(vec![0u8; size]);
+        let (_, got) = dev
+            .volume_key_handle()
+            .get(None, &mut vk, Some(key.expose()))
+            .map_err(|e| self.activation_error(e, None, key_file))?;
+        vk.truncate(got);
+        let mut st = dev.status_handle();
+        let params = DataParams {
+            cipher: st.get_cipher().map_err(lib("reading the cipher"))?,
+            mode: st
+                .get_cipher_mode()
+                .map_err(lib("reading the cipher mode"))?,
+            sector_size: libcryptsetup_rs::get_sector_size(Some(&mut dev)).max(512) as u32,
+            data_offset: dev.status_handle().get_data_offset(),
+            iv_offset: dev.status_handle().get_iv_offset(),
+            uuid: dev
+                .status_handle()
+                .get_uuid()
+                .map(|u| u.to_string())
+                .map_err(lib("reading the UUID"))?,
+        };
+        Ok((vk, params))
     }
 
     pub fn info(&self) -> Result<Info, Error> {

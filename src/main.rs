@@ -1,6 +1,13 @@
 //! initcrypt: the early-boot half of VM disk encryption. See README.md and docs/design.md.
 
+use std::io::IsTerminal;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use initcrypt::pass::{self, Direction};
+use initcrypt::secret::Secret;
 use initcrypt::{boot, config, exit, keys, keyvol, kmsg, status};
+use zeroize::Zeroizing;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +42,7 @@ enum Cmd {
     Keyscript(KeyscriptCmd),
     Encrypt(EncryptCmd),
     EncryptImage(EncryptImageCmd),
+    DecryptImage(DecryptImageCmd),
     Decrypt(DecryptCmd),
     Status(StatusCmd),
     Keyvol(KeyvolCmd),
@@ -86,22 +94,45 @@ struct EncryptCmd {
     online: bool,
 }
 
-/// encrypt an image or device with explicit paths (not implemented yet)
-#[allow(dead_code)]
+/// encrypt an image or device in place with explicit paths (image builders, benchmarks); rerun to resume
 #[derive(FromArgs)]
 #[argh(subcommand, name = "encrypt-image")]
 struct EncryptImageCmd {
+    #[argh(option)]
     /// data device or image file
-    #[argh(option)]
     device: PathBuf,
-    /// detached LUKS2 header to create
     #[argh(option)]
+    /// detached LUKS2 header to create (appears only when the pass is complete)
     header: PathBuf,
-    /// file holding the passphrase
     #[argh(option)]
+    /// file holding the passphrase (its exact bytes)
     key_file: PathBuf,
-    /// journal file (default: next to the header)
     #[argh(option)]
+    /// journal file (default: <header>.journal)
+    journal: Option<PathBuf>,
+    #[argh(option)]
+    /// LUKS sector size for a new header (default: the largest the device and filesystem allow)
+    sector_size: Option<u32>,
+    #[argh(option, default = "initcrypt::luks::MIN_PBKDF2_ITERATIONS")]
+    /// PBKDF2 iterations for the keyslot (default: the minimum, right for random keys)
+    pbkdf2_iterations: u32,
+}
+
+/// decrypt an image or device in place with explicit paths, then drop its header; rerun to resume
+#[derive(FromArgs)]
+#[argh(subcommand, name = "decrypt-image")]
+struct DecryptImageCmd {
+    #[argh(option)]
+    /// data device or image file
+    device: PathBuf,
+    #[argh(option)]
+    /// its detached LUKS2 header
+    header: PathBuf,
+    #[argh(option)]
+    /// file holding the passphrase (its exact bytes)
+    key_file: PathBuf,
+    #[argh(option)]
+    /// journal file (default: <header>.journal)
     journal: Option<PathBuf>,
 }
 
@@ -213,6 +244,80 @@ fn keyvol_cmd(cmd: &KeyvolCmd, params: &BootParams) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Read an operator-supplied key file into zeroizing memory.
+fn read_key_file(path: &Path) -> Result<Secret, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| Failure {
+        exit: Exit::KeyRejected,
+        line: format!(
+            "cannot read key file {}: {e}; pass an existing file",
+            path.display()
+        ),
+    })?;
+    Ok(Secret::new(Zeroizing::new(bytes)))
+}
+
+/// SIGTERM/SIGINT set a flag the pass checks between chunks: it stops at a safe point.
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            log::warn!("cannot catch signal {sig}: {e}; a stop request will kill the pass (it resumes on the next run)");
+        }
+    }
+    stop
+}
+
+fn image_pass(
+    device: &Path,
+    header: &Path,
+    key_file: &Path,
+    journal: Option<&Path>,
+    sector_size: Option<u32>,
+    pbkdf2_iterations: u32,
+    dir: Direction,
+) -> Result<(), Failure> {
+    let key = read_key_file(key_file)?;
+    let identity = std::fs::canonicalize(device)
+        .unwrap_or_else(|_| device.to_path_buf())
+        .display()
+        .to_string();
+    let req = pass::Request {
+        device,
+        paths: pass::Paths::for_header(header).with_journal(journal),
+        key: &key,
+        key_name: &key_file.display().to_string(),
+        identity,
+        sector_size,
+        pbkdf2_iterations,
+        stop: stop_flag(),
+    };
+    let name = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut progress = pass::Progress::new(&name, std::io::stderr().is_terminal());
+    let mut report = |done, total| progress.update(done, total);
+    let outcome = match dir {
+        Direction::Encrypt => pass::encrypt(&req, &mut report)?,
+        Direction::Decrypt => pass::decrypt(&req, &mut report)?,
+    };
+    let verb = if dir == Direction::Encrypt {
+        "encrypted"
+    } else {
+        "decrypted"
+    };
+    if outcome.already_done {
+        log::info!("{} is already {verb}; nothing to do", device.display());
+    } else {
+        log::info!(
+            "{verb} {} in place{}",
+            device.display(),
+            if outcome.resumed { " (resumed)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
     let cfg = cli.config.as_path();
     match &cli.cmd {
@@ -224,7 +329,24 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
         Cmd::Keyvol(k) => keyvol_cmd(k, params)?,
         Cmd::Generator(_) => not_yet("generator")?,
         Cmd::Encrypt(_) => not_yet("encrypt")?,
-        Cmd::EncryptImage(_) => not_yet("encrypt-image")?,
+        Cmd::EncryptImage(c) => image_pass(
+            &c.device,
+            &c.header,
+            &c.key_file,
+            c.journal.as_deref(),
+            c.sector_size,
+            c.pbkdf2_iterations,
+            Direction::Encrypt,
+        )?,
+        Cmd::DecryptImage(c) => image_pass(
+            &c.device,
+            &c.header,
+            &c.key_file,
+            c.journal.as_deref(),
+            None,
+            0,
+            Direction::Decrypt,
+        )?,
         Cmd::Decrypt(_) => not_yet("decrypt")?,
         Cmd::Enable(_) => not_yet("enable")?,
         Cmd::Disable(_) => not_yet("disable")?,
