@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # Check that the shipped initcrypt binary is fully static and self-contained:
 #   * `file`, `ldd`, `readelf` agree it is static (no PT_INTERP, no DT_NEEDED), and it is <= 4 MiB;
 #   * run under strace, it opens no shared object and no config file: nothing matching *.so*, /etc/...
@@ -16,9 +16,10 @@
 #   With --no-build, STATIC_LUKS_TEST may name an already built static test binary (else that part fails).
 # Needs: file, binutils (readelf), strace, dosfstools (mkfs.vfat), mtools (mcopy); scripts/build-static
 # installs them. Exit 0 only if every check passed; the last line is "N passed, N failed".
-set -euo pipefail
+# POSIX sh (scripts/test runs it with `sh`).
+set -eu
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=x86_64-unknown-linux-musl
 MAX_SIZE=$((4 * 1024 * 1024))
 
@@ -49,7 +50,7 @@ fi
 
 # ---- static linkage ----------------------------------------------------------------------------------
 check_static() { # check_static FILE LABEL
-  local f=$1 what=$2 out
+  f=$1 what=$2
   out=$(file -b "$f")
   case $out in
     *"statically linked"* | *"static-pie linked"*) ok "$what: file: $out" ;;
@@ -78,7 +79,7 @@ ALLOWED='^/etc/initcrypt/'
 # traced LABEL EXPECTED_RC CMD... : run CMD under strace in a clean environment (as in an initramfs),
 # keep its output in $TMP/LABEL.out, fail on an unexpected exit code or a forbidden open.
 traced() {
-  local label=$1 want_rc=$2 rc=0 bad
+  label=$1 want_rc=$2 rc=0
   shift 2
   env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     strace -f -qq -e trace=open,openat,openat2 -o "$TMP/$label.strace" "$@" >"$TMP/$label.out" 2>&1 || rc=$?
