@@ -112,13 +112,14 @@ fn gpt<R: Read + Seek>(r: &mut R, lbs: u64) -> io::Result<Option<Vec<Partition>>
         }
         let first = le64(e, 32);
         let last = le64(e, 40);
-        if last < first {
+        // `last` is inclusive: 0..=u64::MAX would be 2^64 sectors, which no disk has.
+        let Some(sectors) = last.checked_sub(first).and_then(|n| n.checked_add(1)) else {
             continue;
-        }
+        };
         parts.push(Partition {
             number: i as u32 + 1,
             start: first.saturating_mul(lbs),
-            size: (last - first + 1).saturating_mul(lbs),
+            size: sectors.saturating_mul(lbs),
             uuid: guid_string(&e[16..32]),
             kind: TableKind::Gpt,
         });
@@ -224,6 +225,39 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].uuid, "1234abcd-01");
         assert_eq!(p[0].start, 2048 * 512);
+    }
+
+    /// A protective MBR and a GPT header at LBA 1 whose entry array (LBA 2) holds `entries`
+    /// (first LBA, last LBA) pairs.
+    fn gpt_disk(entries: &[(u64, u64)]) -> Vec<u8> {
+        let mut d = vec![0u8; 64 * 512];
+        d[446 + 4] = 0xEE;
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        d[512..520].copy_from_slice(b"EFI PART");
+        d[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        d[512 + 80..512 + 84].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+        d[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        for (i, (first, last)) in entries.iter().enumerate() {
+            let e = 1024 + i * 128;
+            d[e] = 0xA2; // any non-zero type GUID
+            d[e + 32..e + 40].copy_from_slice(&first.to_le_bytes());
+            d[e + 40..e + 48].copy_from_slice(&last.to_le_bytes());
+        }
+        d
+    }
+
+    // Regression (fuzzer): an entry spanning LBA 0..=u64::MAX overflowed `last - first + 1`.
+    #[test]
+    fn gpt_entry_spanning_every_lba_is_skipped() {
+        let d = gpt_disk(&[(0, u64::MAX), (5, 4), (34, 2047)]);
+        let parts = partitions_of(&mut Cursor::new(d), 512).unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!((parts[0].number, parts[0].start), (3, 34 * 512));
+        assert_eq!(parts[0].size, (2047 - 34 + 1) * 512);
+        let d = gpt_disk(&[(1, u64::MAX)]);
+        let parts = partitions_of(&mut Cursor::new(d), 512).unwrap();
+        assert_eq!(parts[0].size, u64::MAX, "2^64 - 1 sectors: size saturates");
     }
 
     #[test]
