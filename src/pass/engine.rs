@@ -42,6 +42,8 @@ pub struct Engine<'a> {
 }
 
 type Hash = [u8; HASH_LEN];
+/// A transformed chunk on its way to the writer: offset, length, buffer, source-sector hashes.
+type Crypted = Result<(u64, u64, AlignedBuf, Vec<Hash>), Error>;
 
 fn hash(sector: &[u8]) -> Hash {
     xxh3_128(sector).to_le_bytes()
@@ -140,7 +142,7 @@ impl Engine<'_> {
     }
 
     /// Run the pass from `start` to the end of the device; `seq` is the next record number.
-    pub fn run(&mut self, start: u64, mut seq: u64) -> Result<u64, Error> {
+    pub fn run(&mut self, start: u64, seq: u64) -> Result<u64, Error> {
         let total = self.journal.sb.device_size;
         let chunk = self.journal.sb.chunk_size as usize;
         let enc = forward(self.journal.sb.direction);
@@ -168,38 +170,65 @@ impl Engine<'_> {
                     }
                 }
             });
-            for item in crypt_rx.iter() {
-                let (off, len, buf, hashes) = item?;
-                if self.stop.load(Ordering::SeqCst) {
-                    return Err(Error::Stopped { at: off });
-                }
-                self.journal
-                    .write(&Record {
-                        seq,
-                        offset: off,
-                        len,
-                        hashes,
-                    })
-                    .map_err(|e| Error::Io {
-                        what: "writing the journal",
-                        source: e,
-                    })?;
-                seq += 1;
-                self.dev
-                    .write_at(buf.slice(len as usize), off)
-                    .map_err(|e| Error::Io {
-                        what: "writing the device",
-                        source: e,
-                    })?;
-                self.dev.sync().map_err(|e| Error::Io {
-                    what: "flushing the device",
+            // The writer owns the crypt receiver and the buffer pool sender: when it returns (done,
+            // stopped or failed) they drop, which unblocks and ends the reader and crypt threads
+            // before the scope joins them.
+            self.write_all(crypt_rx, pool_tx, start, seq)
+        })
+    }
+
+    fn write_all(
+        &mut self,
+        crypt_rx: Receiver<Crypted>,
+        pool_tx: SyncSender<AlignedBuf>,
+        start: u64,
+        mut seq: u64,
+    ) -> Result<u64, Error> {
+        let total = self.journal.sb.device_size;
+        let mut next = start;
+        for item in crypt_rx {
+            let (off, len, buf, hashes) = item?;
+            if off != next {
+                return Err(Error::Io {
+                    what: "ordering chunks",
+                    source: std::io::Error::other(format!("chunk at {off}, expected {next}")),
+                });
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(Error::Stopped { at: off });
+            }
+            self.journal
+                .write(&Record {
+                    seq,
+                    offset: off,
+                    len,
+                    hashes,
+                })
+                .map_err(|e| Error::Io {
+                    what: "writing the journal",
                     source: e,
                 })?;
-                (self.progress)(off + len, total);
-                let _ = pool_tx.send(buf);
-            }
-            Ok(seq)
-        })
+            seq += 1;
+            self.dev
+                .write_at(buf.slice(len as usize), off)
+                .map_err(|e| Error::Io {
+                    what: "writing the device",
+                    source: e,
+                })?;
+            self.dev.sync().map_err(|e| Error::Io {
+                what: "flushing the device",
+                source: e,
+            })?;
+            (self.progress)(off + len, total);
+            next = off + len;
+            let _ = pool_tx.send(buf);
+        }
+        // The reader and crypt stages end early when asked to stop (or when they fail, which they
+        // report above): an empty channel is only "done" if every byte went through.
+        if next < total {
+            return Err(Error::Stopped { at: next });
+        }
+        Ok(seq)
     }
 }
 

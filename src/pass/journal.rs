@@ -132,26 +132,36 @@ impl Superblock {
 
 impl Journal {
     /// Create a new journal (fails if one exists: an existing journal is a pass to resume, never to
-    /// overwrite). The file is written in full and synced, with its directory, before returning, so
-    /// a full boot partition is found out before any data is touched.
+    /// overwrite). It is written in full under a temporary name, synced, then renamed into place and
+    /// the directory synced: a crash leaves either no journal or a whole one, and a full boot
+    /// partition is found out before any data is touched.
     pub fn create(path: &Path, sb: Superblock) -> io::Result<Journal> {
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a journal exists: resume it",
+            ));
+        }
         let slot_size = slot_size_for(sb.chunk_size, sb.sector_size);
+        let tmp = temp_path(path);
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)?;
+            .open(&tmp)?;
         let result = (|| {
             file.write_all_at(&sb.encode(), 0)?;
             let zeros = vec![0u8; slot_size as usize];
             file.write_all_at(&zeros, SB_SIZE)?;
             file.write_all_at(&zeros, SB_SIZE + slot_size)?;
             file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
             sync_dir(path)
         })();
         if let Err(e) = result {
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
         Ok(Journal {
@@ -265,6 +275,12 @@ impl Journal {
         std::fs::remove_file(&self.path)?;
         sync_dir(&self.path)
     }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
 }
 
 /// fsync the directory holding `path`, so a create, rename or unlink in it survives a power cut.
