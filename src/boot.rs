@@ -1,7 +1,8 @@
-//! The boot step: reconcile each volume's desired state with what its disk is (design §2).
-//! This build opens what is encrypted; the in-place pass arrives with the `pass` module.
+//! The boot step: reconcile each volume's desired state with what its disk is (design §2): run or
+//! resume the in-place pass where one is wanted or unfinished, then open what is encrypted.
 //!
-//! Observation is shared with `status`, so the two can never disagree about a disk.
+//! Observation is shared with `status`, so the two can never disagree about a disk. The pass runs
+//! here, before sysroot.mount, because nothing else can hold the root filesystem open yet.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use crate::config::{self, BootParams, Desired, Header, Role, Volume};
 use crate::exit::{Classify, Exit};
 use crate::keyvol::{self, KeyVolumes};
 use crate::luks::{self, Info, LuksVolume};
+use crate::pass::{self, Direction};
 
 /// Private mount points for boot partitions live here, never under /boot or /sysroot.
 const RUN_DIR: &str = "/run/initcrypt";
@@ -25,6 +27,10 @@ pub enum Error {
     Block(#[from] blockdev::Error),
     #[error(transparent)]
     Luks(#[from] luks::Error),
+    #[error("{name}: {source}")]
+    Pass { name: String, source: pass::Error },
+    #[error("{name}: the in-place pass needs a detached header (header.boot_uuid/path in volumes.json); attached-header volumes are formatted by `enable --format-empty`, not encrypted in place")]
+    NeedsDetachedHeader { name: String },
     #[error("{name}: {device} is in use ({what}); initcrypt only touches a device nothing holds — boot without mounting it or check the crypttab/fstab entries")]
     Busy {
         name: String,
@@ -48,6 +54,8 @@ impl Classify for Error {
             Error::Luks(e) => e.exit(),
             Error::Busy { .. } => Exit::DeviceMissing,
             Error::Unrecognised { .. } => Exit::DeviceMissing,
+            Error::Pass { source, .. } => source.exit(),
+            Error::NeedsDetachedHeader { .. } => Exit::LayoutUnsupported,
         }
     }
 }
@@ -60,10 +68,23 @@ pub enum Observed {
         fstype: Option<&'static str>,
     },
     Encrypted(Info),
+    /// Our pass is unfinished: `done` of `total` bytes are in target form.
+    Unfinished {
+        direction: Direction,
+        done: u64,
+        total: u64,
+    },
     /// The mapping is already open (e.g. by systemd-cryptsetup, or a previous run).
     Open {
         dm: String,
     },
+}
+
+/// Whether the boot partition must be writable (only to run a pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
 }
 
 /// A volume's device and, for a detached header, the mounted boot partition holding it.
@@ -76,14 +97,14 @@ pub struct Located {
 }
 
 /// Find a volume's device (and boot partition), waiting up to `timeout` for them.
-pub fn locate(v: &Volume, timeout: Duration) -> Result<Located, Error> {
+pub fn locate(v: &Volume, timeout: Duration, access: Access) -> Result<Located, Error> {
     let dev = blockdev::wait_for(&v.device, timeout)?;
     let (header, boot) = match &v.header {
         Header::Attached => (None, None),
         Header::Detached { boot_uuid, path } => {
             let spec = blockdev::DeviceSpec::Uuid(boot_uuid.clone());
             let bootdev = blockdev::wait_for(&spec, timeout)?;
-            let (root, boot) = mount_boot(&bootdev, boot_uuid)?;
+            let (root, boot) = mount_boot(&bootdev, boot_uuid, access)?;
             (Some(root.join(path)), boot)
         }
     };
@@ -94,7 +115,11 @@ pub fn locate(v: &Volume, timeout: Duration) -> Result<Located, Error> {
     })
 }
 
-fn mount_boot(bootdev: &BlockDev, uuid: &str) -> Result<(PathBuf, Option<TempMount>), Error> {
+fn mount_boot(
+    bootdev: &BlockDev,
+    uuid: &str,
+    access: Access,
+) -> Result<(PathBuf, Option<TempMount>), Error> {
     if let Some(point) = blockdev::mount_point_of(bootdev) {
         log::debug!(
             "boot partition {} already mounted at {}",
@@ -104,7 +129,7 @@ fn mount_boot(bootdev: &BlockDev, uuid: &str) -> Result<(PathBuf, Option<TempMou
         return Ok((point, None));
     }
     let target = Path::new(RUN_DIR).join(format!("boot-{uuid}"));
-    let m = TempMount::mount(bootdev, &target, true)?;
+    let m = TempMount::mount(bootdev, &target, access == Access::ReadOnly)?;
     Ok((m.path().to_path_buf(), Some(m)))
 }
 
@@ -126,8 +151,33 @@ pub fn observe(v: &Volume, loc: &Located) -> Result<Observed, Error> {
                 fstype: other.map(|p| p.fstype),
             }),
         },
-        Some(h) if h.exists() => Ok(Observed::Encrypted(LuksVolume::new(&node, Some(h)).info()?)),
-        Some(h) => match probe {
+        Some(h) => observe_detached(v, loc, &node, h, probe),
+    }
+}
+
+fn observe_detached(
+    v: &Volume,
+    loc: &Located,
+    node: &Path,
+    h: &Path,
+    probe: Option<blockdev::Probe>,
+) -> Result<Observed, Error> {
+    let pass_err = |e| Error::Pass {
+        name: v.name.clone(),
+        source: e,
+    };
+    match pass::observe(&pass::Paths::for_header(h)).map_err(pass_err)? {
+        pass::State::Unfinished {
+            direction,
+            done,
+            total,
+        } => Ok(Observed::Unfinished {
+            direction,
+            done,
+            total,
+        }),
+        pass::State::Encrypted => Ok(Observed::Encrypted(LuksVolume::new(node, Some(h)).info()?)),
+        pass::State::Plaintext => match probe {
             Some(p) if p.fstype != "crypto_LUKS" => Ok(Observed::Plaintext {
                 fstype: Some(p.fstype),
             }),
@@ -160,27 +210,160 @@ fn check_not_busy(v: &Volume, dev: &BlockDev) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reconcile one volume.
+/// What to do about a volume in the state observed.
+enum Step {
+    Done,
+    Open(Info),
+    Pass {
+        direction: Direction,
+        resume_at: Option<(u64, u64)>,
+    },
+    ResumeLuks2Reencryption,
+}
+
+fn next_step(v: &Volume, obs: Observed) -> Step {
+    match (obs, v.desired) {
+        (Observed::Open { .. }, _) | (Observed::Plaintext { .. }, Desired::Decrypted) => Step::Done,
+        (Observed::Plaintext { .. }, Desired::Encrypted) => Step::Pass {
+            direction: Direction::Encrypt,
+            resume_at: None,
+        },
+        (
+            Observed::Unfinished {
+                direction,
+                done,
+                total,
+            },
+            _,
+        ) => Step::Pass {
+            direction,
+            resume_at: Some((done, total)),
+        },
+        (Observed::Encrypted(i), Desired::Encrypted) if i.reencrypt_pending => {
+            Step::ResumeLuks2Reencryption
+        }
+        (Observed::Encrypted(i), Desired::Encrypted) => Step::Open(i),
+        (Observed::Encrypted(_), Desired::Decrypted) => Step::Pass {
+            direction: Direction::Decrypt,
+            resume_at: None,
+        },
+    }
+}
+
+/// Reconcile one volume: observe, act, observe again, until it is open or needs nothing. Bounded:
+/// a volume needs at most an unfinished pass finished, a new pass, and the open.
 fn reconcile(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Error> {
     if let Some(dm) = blockdev::mapping_active(&v.name) {
         log::info!("{} is already open ({dm})", v.name);
         return Ok(());
     }
-    let loc = locate(v, timeout)?;
-    match (observe(v, &loc)?, v.desired) {
-        (Observed::Open { .. }, _) => Ok(()),
-        (Observed::Plaintext { fstype }, Desired::Encrypted) => {
-            log::warn!(
-                "{}: {} is still plaintext ({}); this initcrypt cannot encrypt in place yet, so it boots plaintext",
-                v.name,
-                loc.dev.name,
-                fstype.unwrap_or("no filesystem recognised")
-            );
-            Ok(())
+    for _ in 0..4 {
+        let loc = locate(v, timeout, Access::ReadOnly)?;
+        let step = next_step(v, observe(v, &loc)?);
+        drop(loc);
+        match step {
+            Step::Done => return Ok(()),
+            Step::Open(info) => {
+                return open(v, &locate(v, timeout, Access::ReadOnly)?, &info, keys)
+            }
+            Step::Pass {
+                direction,
+                resume_at,
+            } => run_pass(v, keys, timeout, direction, resume_at)?,
+            Step::ResumeLuks2Reencryption => resume_luks2(v, keys, timeout)?,
         }
-        (Observed::Plaintext { .. }, Desired::Decrypted) => Ok(()),
-        (Observed::Encrypted(info), _) => open(v, &loc, &info, keys),
     }
+    Err(Error::Pass {
+        name: v.name.clone(),
+        source: pass::Error::Unsupported {
+            device: v.device.to_string(),
+            why: "the volume did not settle after its pass; check `initcrypt status`".into(),
+        },
+    })
+}
+
+/// Run (or resume) our in-place pass with the boot partition mounted read-write.
+fn run_pass(
+    v: &Volume,
+    keys: &KeyVolumes,
+    timeout: Duration,
+    direction: Direction,
+    resume_at: Option<(u64, u64)>,
+) -> Result<(), Error> {
+    if matches!(v.header, Header::Attached) {
+        return Err(Error::NeedsDetachedHeader {
+            name: v.name.clone(),
+        });
+    }
+    let loc = locate(v, timeout, Access::ReadWrite)?;
+    check_not_busy(v, &loc.dev)?;
+    let node = loc.dev.checked_node()?;
+    let header = loc
+        .header
+        .clone()
+        .ok_or_else(|| Error::NeedsDetachedHeader {
+            name: v.name.clone(),
+        })?;
+    let key = keys.key_for(&v.key_file)?;
+    let verb = if direction == Direction::Encrypt {
+        "encrypt"
+    } else {
+        "decrypt"
+    };
+    match resume_at {
+        Some((done, total)) => log::info!(
+            "{}: resuming the {verb}ion of {} at {}%",
+            v.name,
+            node.display(),
+            (done * 100).checked_div(total).unwrap_or(0)
+        ),
+        None => log::info!("{}: {verb}ing {} in place", v.name, node.display()),
+    }
+    let req = pass::Request {
+        device: &node,
+        paths: pass::Paths::for_header(&header),
+        key: &key,
+        key_name: &v.key_file,
+        identity: v.device.to_string(),
+        sector_size: None,
+        pbkdf2_iterations: luks::MIN_PBKDF2_ITERATIONS,
+        stop: pass::stop_on_signals(),
+    };
+    let mut progress = pass::Progress::new(
+        &v.name,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
+    let mut report = |done, total| progress.update(done, total);
+    let result = match direction {
+        Direction::Encrypt => pass::encrypt(&req, &mut report),
+        Direction::Decrypt => pass::decrypt(&req, &mut report),
+    };
+    result.map_err(|e| Error::Pass {
+        name: v.name.clone(),
+        source: e,
+    })?;
+    log::info!("{}: {verb}ed {} in place", v.name, node.display());
+    Ok(())
+}
+
+/// Finish a LUKS2 reencryption ADE's online flow (or stock cryptsetup) left unfinished.
+fn resume_luks2(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Error> {
+    let loc = locate(v, timeout, Access::ReadWrite)?;
+    check_not_busy(v, &loc.dev)?;
+    let node = loc.dev.checked_node()?;
+    let key = keys.key_for(&v.key_file)?;
+    log::info!(
+        "{}: resuming the unfinished LUKS2 reencryption of {} (left by ADE or cryptsetup)",
+        v.name,
+        node.display()
+    );
+    LuksVolume::new(&node, loc.header.as_deref()).resume_reencryption(&key, &v.key_file)?;
+    log::info!(
+        "{}: encrypted {} in place (LUKS2 reencryption finished)",
+        v.name,
+        node.display()
+    );
+    Ok(())
 }
 
 fn open(v: &Volume, loc: &Located, info: &Info, keys: &KeyVolumes) -> Result<(), Error> {

@@ -8,12 +8,14 @@
 use std::path::{Path, PathBuf};
 
 use libcryptsetup_rs::consts::flags::{
-    CryptActivate, CryptPbkdf, CryptRequirement, CryptVolumeKey,
+    CryptActivate, CryptPbkdf, CryptReencrypt, CryptRequirement, CryptVolumeKey,
 };
-use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
+use libcryptsetup_rs::consts::vals::{
+    CryptKdf, CryptReencryptDirectionInfo, CryptReencryptModeInfo, EncryptionFormat,
+};
 use libcryptsetup_rs::{
-    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either,
-    LibcryptErr,
+    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptParamsReencrypt,
+    CryptPbkdfType, Either, LibcryptErr,
 };
 use zeroize::Zeroizing;
 
@@ -246,6 +248,58 @@ impl LuksVolume {
                 .map_err(lib("reading the UUID"))?,
         };
         Ok((vk, params))
+    }
+
+    /// Finish a LUKS2 reencryption another tool left unfinished (ADE's online flow runs
+    /// `cryptsetup reencrypt --encrypt --init-only`, then resumes in the running system), offline.
+    /// libcryptsetup recovers an interrupted hotzone first when the metadata asks for it.
+    pub fn resume_reencryption(&self, key: &Secret, key_file: &str) -> Result<(), Error> {
+        std::fs::create_dir_all("/run/cryptsetup").ok();
+        let params = |flags| CryptParamsReencrypt {
+            mode: CryptReencryptModeInfo::Encrypt,
+            direction: CryptReencryptDirectionInfo::Forward,
+            resilience: "checksum".into(),
+            hash: "sha256".into(),
+            data_shift: 0,
+            // 32 MiB hotzones keep a recovery after a crash short (the default is up to 1 GiB).
+            max_hotzone_size: (32 << 20) / 512,
+            device_size: 0,
+            luks2: None,
+            flags,
+        };
+        let mut dev = self.context()?;
+        let init = dev.reencrypt_handle().reencrypt_init_by_passphrase(
+            None,
+            key.expose(),
+            None,
+            None,
+            None,
+            params(CryptReencrypt::RESUME_ONLY),
+        );
+        if let Err(first) = init {
+            if matches!(errno_of(&first), Some(libc::EPERM) | Some(libc::ENOENT)) {
+                return Err(self.activation_error(first, None, key_file));
+            }
+            log::info!("resume refused ({first}); running reencryption recovery first");
+            dev = self.context()?;
+            dev.reencrypt_handle()
+                .reencrypt_init_by_passphrase(
+                    None,
+                    key.expose(),
+                    None,
+                    None,
+                    None,
+                    params(CryptReencrypt::RESUME_ONLY | CryptReencrypt::RECOVERY),
+                )
+                .map_err(|e| self.activation_error(e, None, key_file))?;
+        }
+        dev.reencrypt_handle()
+            .reencrypt2::<()>(None, None)
+            .map_err(|e| Error::Library {
+                device: self.data.display().to_string(),
+                during: "resuming the reencryption",
+                detail: e.to_string(),
+            })
     }
 
     pub fn info(&self) -> Result<Info, Error> {

@@ -1,8 +1,6 @@
 //! initcrypt: the early-boot half of VM disk encryption. See README.md and docs/design.md.
 
 use std::io::IsTerminal;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use initcrypt::pass::{self, Direction};
 use initcrypt::secret::Secret;
@@ -256,17 +254,6 @@ fn read_key_file(path: &Path) -> Result<Secret, Failure> {
     Ok(Secret::new(Zeroizing::new(bytes)))
 }
 
-/// SIGTERM/SIGINT set a flag the pass checks between chunks: it stops at a safe point.
-fn stop_flag() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            log::warn!("cannot catch signal {sig}: {e}; a stop request will kill the pass (it resumes on the next run)");
-        }
-    }
-    stop
-}
-
 fn image_pass(
     device: &Path,
     header: &Path,
@@ -289,7 +276,7 @@ fn image_pass(
         identity,
         sector_size,
         pbkdf2_iterations,
-        stop: stop_flag(),
+        stop: pass::stop_on_signals(),
     };
     let name = device
         .file_name()

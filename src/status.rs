@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::boot::{self, Observed};
 use crate::config::{self, BootParams, Desired, Role, Volume};
 use crate::exit::{Classify, Exit};
+use crate::pass::Direction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +49,8 @@ pub struct VolumeStatus {
     pub state: AdeState,
     pub open: bool,
     pub luks_version: Option<u8>,
+    /// Percent done of an unfinished pass.
+    pub percent: Option<u8>,
     pub detail: String,
 }
 
@@ -62,6 +65,20 @@ pub struct Status {
 
 fn state_of(v: &Volume, obs: &Observed) -> AdeState {
     match (obs, v.desired) {
+        (
+            Observed::Unfinished {
+                direction: Direction::Encrypt,
+                ..
+            },
+            _,
+        ) => AdeState::EncryptionInProgress,
+        (
+            Observed::Unfinished {
+                direction: Direction::Decrypt,
+                ..
+            },
+            _,
+        ) => AdeState::DecryptionInProgress,
         (Observed::Open { .. }, Desired::Encrypted) => AdeState::Encrypted,
         (Observed::Open { .. }, Desired::Decrypted) => AdeState::VMRestartPending,
         (Observed::Encrypted(i), Desired::Encrypted) if i.reencrypt_pending => {
@@ -88,10 +105,11 @@ fn volume_status(v: &Volume) -> VolumeStatus {
         state: AdeState::NotMounted,
         open: false,
         luks_version: None,
+        percent: None,
         detail: String::new(),
     };
     // Status never waits: what is not there now is reported as such.
-    let loc = match boot::locate(v, Duration::ZERO) {
+    let loc = match boot::locate(v, Duration::ZERO, boot::Access::ReadOnly) {
         Ok(l) => l,
         Err(e) => {
             s.detail = e.to_string();
@@ -103,8 +121,12 @@ fn volume_status(v: &Volume) -> VolumeStatus {
         Ok(obs) => {
             s.state = state_of(v, &obs);
             s.open = matches!(obs, Observed::Open { .. });
-            if let Observed::Encrypted(i) = &obs {
-                s.luks_version = Some(i.version);
+            match &obs {
+                Observed::Encrypted(i) => s.luks_version = Some(i.version),
+                Observed::Unfinished { done, total, .. } => {
+                    s.percent = Some(((done * 100).checked_div(*total).unwrap_or(0)) as u8)
+                }
+                _ => {}
             }
             s.detail = format!("{obs:?}");
         }

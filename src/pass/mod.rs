@@ -166,6 +166,17 @@ pub fn observe(paths: &Paths) -> Result<State, Error> {
     })
 }
 
+/// A flag that SIGTERM and SIGINT set: the pass checks it between chunks and stops at a safe point.
+pub fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            log::warn!("cannot catch signal {sig}: {e}; a stop request will kill the pass (it resumes on the next run)");
+        }
+    }
+    stop
+}
+
 /// One pass to run.
 pub struct Request<'a> {
     pub device: &'a Path,
