@@ -5,8 +5,15 @@ Each builder takes (image path, params, context) and returns its facts (strings)
 
   bek        FAT12/16/32 key volume (mkfs.vfat [--offset] + mcopy)                facts: fat layout label volume_id
   ade-os     GPT: boot (ext4 holding luks/osluksheader) + root (ext4 encrypted in place by stock cryptsetup
-             with that detached header, data offset 0)     facts: root_partuuid boot_partuuid boot_uuid root_fs_uuid
+             with that detached header, data offset 0; reencrypt=partial: an interrupted stock reencryption)
+                                                           facts: root_partuuid boot_partuuid boot_uuid root_fs_uuid
                                                                   luks_uuid luks_version header_path file_sha256 marker_path
+                                                                  + the OS_FACTS below
+  plain-os   GPT: boot (ext4, empty luks/ or nothing) + root (plaintext ext4 or xfs) for the in-place pass
+                                                           facts: root_partuuid boot_partuuid boot_uuid root_fs_uuid fs
+                                                                  header_path file_sha256 marker_path + the OS_FACTS below
+  OS_FACTS (ade-os, plain-os): root_sha256 (plaintext root partition before anything), marker_string (a distinctive
+             string inside the marker file), boot_offset boot_size root_offset root_size (bytes), key_name
   luks-data  attached LUKS2 header, ext4 inside (reencrypt --encrypt --reduce-device-size) or no filesystem
                                                            facts: luks_uuid fs_uuid file_sha256 marker_path data_offset mapped_size
   plain      zero-filled raw image                         facts: (generic only)
@@ -16,14 +23,17 @@ Every disk also gets: path size image_sha256 (before the boot) serial.
 import base64
 import hashlib
 import json
-
+import os
 import secrets
 import shutil
+import signal
+import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import HarnessError, parse_size, run
+from .util import HarnessError, parse_size, run, sha256_file
 
 MiB = 1 << 20
 SECTOR = 512
@@ -172,45 +182,80 @@ def build_bek(image: Path, p: Params, ctx: BuildContext) -> dict:
             "volume_id": f"{volume_id[:4]}-{volume_id[4:]}"}
 
 
-def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
-    """ADE's OS disk: p1 boot (plaintext ext4 with the detached header), p2 root (LUKS, data offset 0)."""
-    luks = p.get("luks", "luks2")
-    boot_size = parse_size(p.get("boot_size", "64M"))
-    root_size = parse_size(p.get("root_size", "64M"))
-    header_size = parse_size(p.get("header_size", "32M"))  # ADE: dd bs=33554432 count=1 of zeros
-    header_path = p.get("header_path", "luks/osluksheader")
-    sector_size = p.get("sector_size", None)
-    key = p.get("key", "default")
-    p.done()
-    if luks not in ("luks1", "luks2"):
-        raise HarnessError(f"ade-os: luks must be luks1 or luks2, not {luks!r}")
-    if luks == "luks1" and sector_size not in (None, 512):
-        raise HarnessError("ade-os: LUKS1 has 512-byte sectors only")
+def os_tree(folder: Path, random_size: int) -> dict:
+    """Root filesystem content of the OS builders: /etc/marker (a distinctive string + random hex) and
+    /var/lib/initcrypt-test/random.bin (random_size random bytes, so the partition is not mostly zeros)."""
+    marker_string = f"initcrypt-marker-{secrets.token_hex(16)}"
+    data = (marker_string + "\n" + secrets.token_hex(2048) + "\n").encode()
+    marker = folder / "etc" / "marker"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_bytes(data)
+    if random_size:
+        rnd = folder / "var" / "lib" / "initcrypt-test" / "random.bin"
+        rnd.parent.mkdir(parents=True, exist_ok=True)
+        with open(rnd, "wb") as f:
+            left = random_size
+            while left:
+                n = min(left, MiB)
+                f.write(secrets.token_bytes(n))
+                left -= n
+    return {"marker_path": "/etc/marker", "file_sha256": hashlib.sha256(data).hexdigest(),
+            "marker_string": marker_string}
 
-    w = ctx.workdir
-    root_tree, boot_tree = w / "root-tree", w / "boot-tree"
-    marker_path, file_sha = marker_tree(root_tree)
-    root_img, boot_img = w / "root.img", w / "boot.img"
-    root_fs_uuid, boot_uuid = str(uuid.uuid4()), str(uuid.uuid4())
-    mkfs_ext4(root_img, root_size, root_tree, root_fs_uuid, label="root")
 
-    header = boot_tree / header_path
-    make_file(header, header_size)
-    # Stock cryptsetup 2.6.1 encrypts an image file in place offline without device-mapper only for LUKS2
-    # (its LUKS1 reencryption goes through dm). LUKS1 = the same LUKS2 pass with 512-byte sectors, then
-    # `cryptsetup convert --type luks1` of the header: same keyslot, same volume key, same ciphertext.
-    cmd = ["cryptsetup", "-q", "reencrypt", "--encrypt", "--type", "luks2", "--header", header,
-           "--key-file", ctx.keys.file(key), *PBKDF_ARGS]
-    if luks == "luks1":
-        cmd += ["--sector-size", "512"]
-    elif sector_size:
-        cmd += ["--sector-size", str(sector_size)]
-    run(cmd + [root_img])
-    if luks == "luks1":
-        run(["cryptsetup", "-q", "convert", "--type", "luks1", header])
-    luks_id = luks_uuid(header)
-    mkfs_ext4(boot_img, boot_size, boot_tree, boot_uuid, label="boot")
+def count_in_file(path: Path, needle: bytes, offset: int = 0, length: int | None = None) -> int:
+    """Occurrences of needle in path[offset:offset+length] (what `grep -c -a -F` would see, but exact for binary
+    data: a match spanning two read blocks counts too)."""
+    count, tail = 0, b""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length if length is not None else os.fstat(f.fileno()).st_size - offset
+        while left > 0:
+            block = f.read(min(left, 8 * MiB))
+            if not block:
+                break
+            left -= len(block)
+            buf = tail + block
+            count += buf.count(needle)
+            tail = buf[-(len(needle) - 1):] if len(needle) > 1 else b""
+    return count
 
+
+def xfs_protofile(tree: Path, proto: Path) -> None:
+    """mkfs.xfs -p prototype of a host folder (see mkfs.xfs(8)): root dir, then entries, `$` ends a directory."""
+    lines = ["initcrypt-test", "0 0", "d--755 0 0"]
+
+    def walk(d: Path, depth: int):
+        for e in sorted(d.iterdir()):
+            if any(c in e.name for c in " :$\t\n"):
+                raise HarnessError(f"xfs protofile: unsupported name {e}")
+            pad = "  " * depth
+            if e.is_dir():
+                lines.append(f"{pad}{e.name} d--755 0 0")
+                walk(e, depth + 1)
+                lines.append(f"{pad}$")
+            else:
+                lines.append(f"{pad}{e.name} ---644 0 0 {e.resolve()}")
+    walk(tree, 1)
+    lines.append("$")
+    proto.write_text("\n".join(lines) + "\n")
+
+
+def mkfs_xfs(image: Path, size: int, tree: Path, fs_uuid: str, label: str, workdir: Path) -> None:
+    """xfs on an image file, populated from tree through a protofile (no mount). mkfs.xfs >= 5.19 refuses
+    filesystems under 300 MB unless it runs under fstests: its escape hatch (TEST_DIR, TEST_DEV, QA_CHECK_FS)
+    is used for the small test roots; the kernel mounts them normally."""
+    make_file(image, size)
+    proto = workdir / "xfs.proto"
+    xfs_protofile(tree, proto)
+    env = {"TEST_DIR": "/nonexistent", "TEST_DEV": str(image), "QA_CHECK_FS": "0"} if size < 320 * MiB else None
+    run(["mkfs.xfs", "-q", "-f", "-m", f"uuid={fs_uuid}", "-L", label, "-p", proto, image], env=env)
+
+
+def gpt_boot_root(image: Path, boot_img: Path, root_img: Path) -> dict:
+    """Disk image = GPT with p1 boot, p2 root (names boot/root, Linux filesystem type, random PARTUUIDs),
+    partitions copied in at sfdisk's offsets. Returns partition facts (offsets and sizes in bytes)."""
+    boot_size, root_size = boot_img.stat().st_size, root_img.stat().st_size
     boot_partuuid, root_partuuid = str(uuid.uuid4()), str(uuid.uuid4())
     first = 2048
     boot_sectors, root_sectors = boot_size // SECTOR, root_size // SECTOR
@@ -219,14 +264,165 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
         "label: gpt\nunit: sectors\n"
         f"start={first}, size={boot_sectors}, type={LINUX_FS_GUID}, uuid={boot_partuuid}, name=boot\n"
         f"start={first + boot_sectors}, size={root_sectors}, type={LINUX_FS_GUID}, uuid={root_partuuid}, name=root\n"))
-    write_at(image, boot_img, parts[0]["start"] * SECTOR)
-    write_at(image, root_img, parts[1]["start"] * SECTOR)
+    boot_off, root_off = parts[0]["start"] * SECTOR, parts[1]["start"] * SECTOR
+    write_at(image, boot_img, boot_off)
+    write_at(image, root_img, root_off)
+    return {"boot_partuuid": boot_partuuid, "root_partuuid": root_partuuid, "boot_offset": boot_off,
+            "boot_size": boot_size, "root_offset": root_off, "root_size": root_size}
+
+
+def interrupt_stock_resume(header: Path, key: Path, device: Path, hotzone: str = "1M", limit: float = 120) -> int:
+    """`cryptsetup reencrypt --resume-only` on an image file, stopped with SIGINT (cryptsetup's clean stop, at a
+    hotzone boundary) once its first --progress-json line reports a partial pass. Returns the bytes done.
+
+    A SIGINT sent before cryptsetup enters its reencryption loop is lost (measured: it then finishes), so the signal
+    waits for the first progress line (cryptsetup prints it >= 0.5 s after the loop starts). Small hotzones keep
+    the stop close to that point; on this host 128 MiB ends ~20-50 % done."""
+    cmd = ["cryptsetup", "-q", "reencrypt", "--resume-only", "--progress-json", "--hotzone-size", hotzone,
+           "--header", str(header), "--key-file", str(key), "--force-offline-reencrypt", str(device)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + limit
+    sent = False
+    try:
+        for line in proc.stdout:
+            try:
+                prog = json.loads(line)
+                done, size = int(prog["device_bytes"]), int(prog["device_size"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not sent and 0 < done < size:
+                proc.send_signal(signal.SIGINT)
+                sent = True
+            if time.monotonic() > deadline:
+                break
+        proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode(errors="replace").strip()
+    meta = json.loads(run(["cryptsetup", "luksDump", "--dump-json-metadata", header]).stdout)
+    reqs = meta.get("config", {}).get("requirements", {}).get("mandatory", [])
+    seg0 = meta["segments"]["0"]
+    if not any(r.startswith("online-reencrypt") for r in reqs) or seg0["type"] != "crypt" or seg0["size"] == "dynamic":
+        raise HarnessError(f"ade-os reencrypt=partial: the stock resume was not left partial (rc {proc.returncode}, "
+                           f"{'SIGINT sent' if sent else 'no partial progress line'}; {err!r}; segment 0 {seg0}, "
+                           f"requirements {reqs}): use a bigger root_size")
+    return int(seg0["size"])
+
+
+def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
+    """ADE's OS disk: p1 boot (plaintext ext4 with the detached header), p2 root (LUKS, data offset 0).
+
+    reencrypt = "full" (default): stock offline `reencrypt --encrypt` to the end.
+    reencrypt = "partial": what ADE's online flow leaves after an interruption: `reencrypt --encrypt --init-only`,
+    then a stock `--resume-only` stopped part-way (SIGINT): header with the online-reencrypt requirement."""
+    luks = p.get("luks", "luks2")
+    boot_size = parse_size(p.get("boot_size", "64M"))
+    root_size = parse_size(p.get("root_size", "64M"))
+    header_size = parse_size(p.get("header_size", "32M"))  # ADE: dd bs=33554432 count=1 of zeros
+    header_path = p.get("header_path", "luks/osluksheader")
+    sector_size = p.get("sector_size", None)
+    key = p.get("key", "default")
+    mode = p.get("reencrypt", "full")
+    random_size = parse_size(p.get("random_size", "1M"))
+    p.done()
+    if luks not in ("luks1", "luks2"):
+        raise HarnessError(f"ade-os: luks must be luks1 or luks2, not {luks!r}")
+    if luks == "luks1" and sector_size not in (None, 512):
+        raise HarnessError("ade-os: LUKS1 has 512-byte sectors only")
+    if mode not in ("full", "partial"):
+        raise HarnessError(f"ade-os: reencrypt must be full or partial, not {mode!r}")
+    if mode == "partial" and luks != "luks2":
+        raise HarnessError("ade-os: reencrypt=partial needs luks2 (LUKS1 has no resumable reencryption)")
+
+    w = ctx.workdir
+    root_tree, boot_tree = w / "root-tree", w / "boot-tree"
+    tree_facts = os_tree(root_tree, random_size)
+    root_img, boot_img = w / "root.img", w / "boot.img"
+    root_fs_uuid, boot_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    mkfs_ext4(root_img, root_size, root_tree, root_fs_uuid, label="root")
+    root_sha = sha256_file(root_img)
+
+    header = boot_tree / header_path
+    make_file(header, header_size)
+    # Stock cryptsetup 2.6.1 encrypts an image file in place offline without device-mapper only for LUKS2
+    # (its LUKS1 reencryption goes through dm). LUKS1 = the same LUKS2 pass with 512-byte sectors, then
+    # `cryptsetup convert --type luks1` of the header: same keyslot, same volume key, same ciphertext.
+    key_file = ctx.keys.file(key)
+    cmd = ["cryptsetup", "-q", "reencrypt", "--encrypt", "--type", "luks2", "--header", header,
+           "--key-file", key_file, *PBKDF_ARGS]
+    if luks == "luks1":
+        cmd += ["--sector-size", "512"]
+    elif sector_size:
+        cmd += ["--sector-size", str(sector_size)]
+    facts = {}
+    if mode == "partial":
+        run(cmd[:4] + ["--init-only"] + cmd[4:] + [root_img])
+        facts["reencrypt_done_bytes"] = interrupt_stock_resume(header, key_file, root_img)
+    else:
+        run(cmd + [root_img])
+    if luks == "luks1":
+        run(["cryptsetup", "-q", "convert", "--type", "luks1", header])
+    luks_id = luks_uuid(header)
+    mkfs_ext4(boot_img, boot_size, boot_tree, boot_uuid, label="boot")
+
+    facts.update(gpt_boot_root(image, boot_img, root_img))
     for f in (root_img, boot_img):
         f.unlink()
     shutil.rmtree(boot_tree)
-    return {"root_partuuid": root_partuuid, "boot_partuuid": boot_partuuid, "boot_uuid": boot_uuid,
-            "root_fs_uuid": root_fs_uuid, "luks_uuid": luks_id, "luks_version": luks,
-            "header_path": header_path, "file_sha256": file_sha, "marker_path": marker_path}
+    shutil.rmtree(root_tree)
+    facts.update(tree_facts)
+    facts.update(boot_uuid=boot_uuid, root_fs_uuid=root_fs_uuid, luks_uuid=luks_id, luks_version=luks,
+                 header_path=header_path, root_sha256=root_sha, key_name=key)
+    return facts
+
+
+def build_plain_os(image: Path, p: Params, ctx: BuildContext) -> dict:
+    """A not-yet-encrypted OS disk: p1 boot (ext4, `luks/` empty or absent), p2 root (plaintext ext4 or xfs with
+    the marker and random data), for initcrypt's in-place pass at boot."""
+    fs = p.get("fs", "ext4")
+    boot_size = parse_size(p.get("boot_size", "64M"))
+    root_size = parse_size(p.get("root_size", "256M"))
+    random_size = parse_size(p.get("random_size", "8M"))
+    luks_dir = bool(p.get("luks_dir", True))
+    header_path = p.get("header_path", "luks/osluksheader")
+    key = p.get("key", "default")
+    p.done()
+    if fs not in ("ext4", "xfs"):
+        raise HarnessError(f"plain-os: fs must be ext4 or xfs, not {fs!r}")
+    for what, size in (("boot_size", boot_size), ("root_size", root_size)):
+        if size % MiB:
+            raise HarnessError(f"plain-os: {what} must be a multiple of 1 MiB (stock decrypt of an image file "
+                               "rounds it up to 4096 bytes)")
+
+    w = ctx.workdir
+    root_tree, boot_tree = w / "root-tree", w / "boot-tree"
+    tree_facts = os_tree(root_tree, random_size)
+    root_img, boot_img = w / "root.img", w / "boot.img"
+    root_fs_uuid, boot_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    if fs == "ext4":
+        mkfs_ext4(root_img, root_size, root_tree, root_fs_uuid, label="root")
+    else:
+        mkfs_xfs(root_img, root_size, root_tree, root_fs_uuid, label="root", workdir=w)
+    if count_in_file(root_img, tree_facts["marker_string"].encode()) < 1:
+        raise HarnessError(f"plain-os: the marker string is not in the plaintext {fs} image (inline data?)")
+    root_sha = sha256_file(root_img)
+
+    boot_tree.mkdir(parents=True, exist_ok=True)
+    if luks_dir:
+        (boot_tree / Path(header_path).parent).mkdir(parents=True, exist_ok=True)
+    mkfs_ext4(boot_img, boot_size, boot_tree, boot_uuid, label="boot")
+
+    facts = gpt_boot_root(image, boot_img, root_img)
+    for f in (root_img, boot_img):
+        f.unlink()
+    shutil.rmtree(boot_tree)
+    shutil.rmtree(root_tree)
+    facts.update(tree_facts)
+    facts.update(boot_uuid=boot_uuid, root_fs_uuid=root_fs_uuid, fs=fs, header_path=header_path,
+                 root_sha256=root_sha, key_name=key, luks_dir="yes" if luks_dir else "no")
+    return facts
 
 
 def build_luks_data(image: Path, p: Params, ctx: BuildContext) -> dict:
@@ -258,7 +454,8 @@ def build_luks_data(image: Path, p: Params, ctx: BuildContext) -> dict:
     return facts
 
 
-BUILDERS = {"bek": build_bek, "ade-os": build_ade_os, "luks-data": build_luks_data, "plain": build_plain}
+BUILDERS = {"bek": build_bek, "ade-os": build_ade_os, "plain-os": build_plain_os, "luks-data": build_luks_data,
+            "plain": build_plain}
 
 
 def build_disk(builder: str, image: Path, params: dict, ctx: BuildContext) -> dict:

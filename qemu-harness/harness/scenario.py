@@ -13,9 +13,12 @@ from .util import HARNESS_DIR, HarnessError
 SCENARIO_DIR = HARNESS_DIR / "scenarios"
 
 TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
-            "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk"}
-DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly"}
-DISK_EXPECT_KEYS = {"unchanged"}
+            "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk",
+            "power_cut"}
+DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
+                    "logical_block_size"}
+DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size"}
+POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\.([A-Za-z0-9_]+)\}")
 
@@ -29,7 +32,22 @@ class DiskSpec:
     lun: int = 0
     hotplug_after: float | None = None
     readonly: bool = False
+    physical_block_size: int | None = None  # None: QEMU's default (512)
+    logical_block_size: int = 512
     params: dict = field(default_factory=dict)
+
+
+@dataclass
+class PowerCut:
+    """[power_cut]: `boots` boots of the same images, each SIGKILLed a seeded random delay in [min_delay,
+    max_delay) after the first line matching `after`; then the final boot, checked as usual."""
+    boots: int
+    seed: int
+    after: re.Pattern
+    max_delay: float
+    min_delay: float = 0.0
+    until: re.Pattern | None = None  # a line that ends the pass: a cut after it did not land inside the pass
+    min_cuts_in_pass: int = 0        # fail if fewer cuts landed between `after` and `until`
 
 
 @dataclass
@@ -51,6 +69,7 @@ class Scenario:
     expect_facts: dict
     expect_disk: dict
     path: Path
+    power_cut: PowerCut | None = None
 
 
 def _fail(path, msg):
@@ -97,6 +116,24 @@ def load(name: str) -> Scenario:
         if set(checks) - DISK_EXPECT_KEYS:
             _fail(path, f"expect_disk.{disk}: unknown check(s) {sorted(set(checks) - DISK_EXPECT_KEYS)}")
 
+    power_cut = None
+    if "power_cut" in data:
+        pc = data["power_cut"]
+        if set(pc) - POWER_CUT_KEYS:
+            _fail(path, f"power_cut: unknown key(s) {sorted(set(pc) - POWER_CUT_KEYS)}")
+        if not {"boots", "after", "max_delay"} <= set(pc):
+            _fail(path, "power_cut needs boots, after and max_delay")
+        try:
+            power_cut = PowerCut(
+                boots=int(pc["boots"]), seed=int(pc.get("seed", 0)), after=re.compile(pc["after"]),
+                max_delay=float(pc["max_delay"]), min_delay=float(pc.get("min_delay", 0)),
+                until=re.compile(pc["until"]) if pc.get("until") else None,
+                min_cuts_in_pass=int(pc.get("min_cuts_in_pass", 0)))
+        except (re.error, ValueError) as e:
+            _fail(path, f"power_cut: {e}")
+        if power_cut.boots < 1 or not 0 <= power_cut.min_delay < power_cut.max_delay:
+            _fail(path, "power_cut: boots >= 1 and 0 <= min_delay < max_delay")
+
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
@@ -105,7 +142,7 @@ def load(name: str) -> Scenario:
         expect_in_order=data.get("expect_in_order", []), expect_present=data.get("expect_present", []),
         expect_absent=data.get("expect_absent", []),
         expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
-        expect_disk=expect_disk, path=path)
+        expect_disk=expect_disk, path=path, power_cut=power_cut)
 
 
 def all_names() -> list[str]:

@@ -4,6 +4,7 @@ QEMU exits 0 even when the guest failed: the caller decides from the transcript 
 """
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -20,11 +21,21 @@ BASE_CMDLINE = "console=ttyS0 panic=-1 rd.shell=0 rd.emergency=poweroff loglevel
 
 
 @dataclass
+class KillPlan:
+    """Power cut: SIGKILL QEMU `delay` seconds after the first serial line matching `pattern`."""
+    pattern: re.Pattern
+    delay: float
+
+
+@dataclass
 class VmResult:
     timed_out: bool
     returncode: int | None
     wall: float
     hotplug_errors: list[str]
+    trigger_at: float | None = None   # seconds after QEMU started when KillPlan.pattern matched
+    trigger_line: str | None = None
+    killed_at: float | None = None    # when the SIGKILL was sent (None: QEMU ended by itself first)
 
 
 def drive_args(disk: DiskSpec, image: Path) -> tuple[list[str], list[str]]:
@@ -39,6 +50,8 @@ def drive_args(disk: DiskSpec, image: Path) -> tuple[list[str], list[str]]:
 def device_opts(disk: DiskSpec, node: str) -> tuple[str, dict]:
     """(driver, properties) of the guest-visible device; serial = the disk's name (virtio-blk: max 20 chars)."""
     props = {"drive": node, "id": f"dev-{disk.name}", "serial": disk.name[:20]}
+    if disk.physical_block_size:
+        props.update(physical_block_size=disk.physical_block_size, logical_block_size=disk.logical_block_size)
     if disk.bus == "virtio":
         return "virtio-blk-pci", props
     props.update({"bus": f"scsi{disk.controller}.0", "channel": 0, "scsi-id": 0, "lun": disk.lun})
@@ -121,15 +134,34 @@ def hotplug(qmp: Qmp, disk: DiskSpec, image: Path) -> None:
 
 
 def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[tuple[DiskSpec, Path]],
-           qmp_sock: Path) -> VmResult:
+           qmp_sock: Path, kill: KillPlan | None = None) -> VmResult:
     """Run QEMU, copy its serial console to serial_log (plus host timestamps to serial_log.with .times),
-    hot-plug disks at their times, kill it after timeout."""
+    hot-plug disks at their times, kill it after timeout. With a KillPlan: SIGKILL (a power cut: writes QEMU
+    already issued to the raw image files survive, the guest's caches and in-flight requests do not)
+    kill.delay seconds after the first line matching kill.pattern."""
     if shutil.which(cmd[0]) is None:
         raise HarnessError(f"{cmd[0]} not found")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     times_path = serial_log.with_name(serial_log.stem + ".times")
-    reader = threading.Thread(target=_copy_serial, args=(proc.stdout, serial_log, times_path, t0), daemon=True)
+    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None}
+    timers: list[threading.Timer] = []
+
+    def power_cut():
+        if proc.poll() is None:
+            state["killed_at"] = time.monotonic() - t0
+            _note(times_path, t0, "HOST power cut: SIGKILL of QEMU")
+            proc.kill()
+
+    def on_line(text: str, t: float):
+        if kill and state["trigger_at"] is None and kill.pattern.search(text):
+            state.update(trigger_at=t, trigger_line=text.strip().replace("\r", " ")[-300:])
+            timer = threading.Timer(kill.delay, power_cut)
+            timers.append(timer)
+            timer.start()
+
+    reader = threading.Thread(target=_copy_serial, args=(proc.stdout, serial_log, times_path, t0, on_line),
+                              daemon=True)
     reader.start()
     errors: list[str] = []
     qmp = None
@@ -156,8 +188,10 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
             proc.kill()
             proc.wait()
         reader.join(5)
+        for timer in timers:
+            timer.cancel()
     return VmResult(timed_out=timed_out, returncode=proc.returncode, wall=time.monotonic() - t0,
-                    hotplug_errors=errors)
+                    hotplug_errors=errors, **state)
 
 
 def _wait(proc, seconds: float) -> bool:
@@ -169,13 +203,17 @@ def _wait(proc, seconds: float) -> bool:
         return False
 
 
-def _copy_serial(stream, serial_log: Path, times_path: Path, t0: float) -> None:
+def _copy_serial(stream, serial_log: Path, times_path: Path, t0: float, on_line=None) -> None:
     with open(serial_log, "wb") as log, open(times_path, "a") as times:
         for line in iter(stream.readline, b""):
+            t = time.monotonic() - t0
             log.write(line)
             log.flush()
-            times.write(f"{time.monotonic() - t0:8.3f} {line.decode(errors='replace').rstrip()}\n")
+            text = line.decode(errors="replace")
+            times.write(f"{t:8.3f} {text.rstrip()}\n")
             times.flush()
+            if on_line:
+                on_line(text, t)
 
 
 def _note(times_path: Path, t0: float, text: str) -> None:
