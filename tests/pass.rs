@@ -292,7 +292,8 @@ fn kill_9_at_50_random_instants_then_resume() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let delay = std::time::Duration::from_micros(seed % full_us);
+        // Spread over the first three quarters of a pass, so most kills land inside it.
+        let delay = std::time::Duration::from_micros(seed % (full_us * 3 / 4));
         let mut child = Command::new(env!("CARGO_BIN_EXE_initcrypt"))
             .args([
                 "encrypt-image",
@@ -401,10 +402,9 @@ fn failing_device_never_advances_the_journal_past_unwritten_data() {
         assert!(!hdr.exists(), "no final header after a failed pass");
         match pass::observe(&req.paths).unwrap() {
             pass::State::Unfinished { done, .. } => {
-                assert_eq!(
-                    done,
-                    fail_at as u64 * pass::CHUNK_SIZE,
-                    "journal points at the failed chunk, not past it"
+                assert!(
+                    done <= fail_at as u64 * pass::CHUNK_SIZE,
+                    "journal claims {done} done, past the failed chunk"
                 )
             }
             other => panic!("{other:?}"),

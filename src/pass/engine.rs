@@ -7,17 +7,20 @@
 //! source or wholly target. It holds because
 //! 1. the record for a chunk is durable (written, fdatasync'd) before any byte of that chunk is
 //!    written, and it hashes every source sector of the chunk;
-//! 2. a chunk's writes are flushed (fdatasync on the device) before the next record is written, and
-//!    records alternate between two slots, so a torn record leaves its predecessor — whose chunk is
-//!    durable — as the newest valid one;
+//! 2. records live in a ring of `SLOTS` slots and the device is flushed before a slot is reused
+//!    (record n is written only once chunk n−SLOTS is durable), so every chunk that may be in flight
+//!    still has its record in the ring; a torn record write only destroys the record of a chunk that
+//!    was already durable;
 //! 3. sectors are never larger than the device's physical block size, so a sector write is atomic.
 //!
 //! # Recovery
-//! For each sector of R's chunk: if its hash equals the recorded source hash it is still source and
-//! is transformed; else if the *inverse* transform of it hashes to the recorded value it is already
-//! target; else the device changed under the pass and we stop without writing (exit 7). The chunk
-//! is rewritten whole (rewriting target sectors with the same bytes is harmless), flushed, and the
-//! pass continues at `offset + len` — so a crash during recovery is recovered the same way.
+//! For each record of W, oldest first, and each sector of its chunk: if its hash equals the recorded
+//! source hash it is still source and is transformed; else if the *inverse* transform of it hashes to
+//! the recorded value it is already target; else the device changed under the pass and we stop
+//! without writing (exit 7). Chunks are classified before anything is rewritten, rewritten whole
+//! (rewriting target sectors with the same bytes is harmless) and flushed; the pass continues after
+//! the newest record's chunk with the next seq. No record is written during recovery, so a crash
+//! during recovery is recovered the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -26,7 +29,7 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::device::{AlignedBuf, Device};
-use super::journal::{Direction, Journal, Record, HASH_LEN};
+use super::journal::{Direction, Journal, Record, HASH_LEN, SLOTS};
 use super::xts::Xts;
 use super::Error;
 
@@ -81,12 +84,34 @@ fn hash_and_transform(xts: &Xts, buf: &mut [u8], offset: u64, encrypt: bool) -> 
 }
 
 impl Engine<'_> {
-    /// Bring the in-flight chunk of `rec` to target form (see Recovery above).
-    pub fn recover(&mut self, rec: &Record) -> Result<(), Error> {
+    /// Bring every chunk of the journal's window to target form (see Recovery above), then flush.
+    pub fn recover(&mut self, window: &[Record]) -> Result<(), Error> {
+        let mut fixed = Vec::with_capacity(window.len());
+        for rec in window {
+            fixed.push(self.classify(rec)?);
+        }
+        for (rec, buf) in window.iter().zip(fixed) {
+            if let Some(buf) = buf {
+                let data = buf.slice(rec.len as usize);
+                self.dev.write_at(data, rec.offset).map_err(|e| Error::Io {
+                    what: "rewriting an in-flight chunk",
+                    source: e,
+                })?;
+            }
+        }
+        self.dev.sync().map_err(|e| Error::Io {
+            what: "flushing the device",
+            source: e,
+        })
+    }
+
+    /// Read a record's chunk and turn its source sectors into target form in memory; `None` when
+    /// every sector is already target (nothing to rewrite).
+    fn classify(&mut self, rec: &Record) -> Result<Option<AlignedBuf>, Error> {
         let ss = self.xts.sector_size();
         let enc = forward(self.journal.sb.direction);
         if rec.len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if rec.len % ss as u64 != 0 || rec.hashes.len() as u64 != rec.len / ss as u64 {
             return Err(Error::JournalCorrupt {
@@ -127,18 +152,13 @@ impl Engine<'_> {
             }
             done += 1;
         }
-        log::info!(
-            "recovered the interrupted chunk at {} ({src} sectors to do, {done} already done)",
-            rec.offset
-        );
-        self.dev.write_at(data, rec.offset).map_err(|e| Error::Io {
-            what: "rewriting the in-flight chunk",
-            source: e,
-        })?;
-        self.dev.sync().map_err(|e| Error::Io {
-            what: "flushing the device",
-            source: e,
-        })
+        if src > 0 {
+            log::info!(
+                "in-flight chunk at byte {}: {src} sectors still to do, {done} already done",
+                rec.offset
+            );
+        }
+        Ok((src > 0).then_some(buf))
     }
 
     /// Run the pass from `start` to the end of the device; `seq` is the next record number.
@@ -186,6 +206,8 @@ impl Engine<'_> {
     ) -> Result<u64, Error> {
         let total = self.journal.sb.device_size;
         let mut next = start;
+        // Highest seq whose chunk is known durable: a ring slot is reused only after its chunk is.
+        let mut durable = seq.saturating_sub(1);
         for item in crypt_rx {
             let (off, len, buf, hashes) = item?;
             if off != next {
@@ -196,6 +218,13 @@ impl Engine<'_> {
             }
             if self.stop.load(Ordering::SeqCst) {
                 return Err(Error::Stopped { at: off });
+            }
+            if seq > SLOTS && durable < seq - SLOTS {
+                self.dev.sync().map_err(|e| Error::Io {
+                    what: "flushing the device",
+                    source: e,
+                })?;
+                durable = seq - 1;
             }
             self.journal
                 .write(&Record {
@@ -228,6 +257,10 @@ impl Engine<'_> {
         if next < total {
             return Err(Error::Stopped { at: next });
         }
+        self.dev.sync().map_err(|e| Error::Io {
+            what: "flushing the device",
+            source: e,
+        })?;
         Ok(seq)
     }
 }

@@ -1,10 +1,12 @@
 //! The pass journal: a small file on the boot partition that says which chunk is in flight and what
 //! each of its sectors looked like before the pass touched it.
 //!
-//! Layout: a 4 KiB superblock (what pass, which device, which header), then two record slots A and B.
-//! Record `seq` goes to slot `seq % 2`, so writing record n never damages record n−1: a torn journal
-//! write leaves the previous record valid, and the previous record's chunk is already durable.
-//! Every record carries an xxh3-128 checksum; the valid record with the highest seq wins.
+//! Layout: a 4 KiB superblock (what pass, which device, which header), then a ring of `SLOTS` record
+//! slots. Record `seq` goes to slot `seq % SLOTS`, so writing record n never damages records
+//! n−SLOTS+1 … n−1. The engine flushes the device before it reuses a slot (record n needs chunk
+//! n−SLOTS durable), so the chunks that may be in flight at a crash are exactly those whose records
+//! are still in the ring: recovery replays them all (`window`). A torn record write leaves garbage in
+//! one slot whose previous chunk was already durable. Every record carries an xxh3-128 checksum.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -13,9 +15,11 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_128;
 
-const SB_MAGIC: &[u8; 8] = b"ICJRNL01";
+const SB_MAGIC: &[u8; 8] = b"ICJRNL02";
 const REC_MAGIC: &[u8; 8] = b"ICREC001";
 const SB_SIZE: u64 = 4096;
+/// Records kept: the device is flushed once per `SLOTS - 1` chunks instead of once per chunk.
+pub const SLOTS: u64 = 8;
 const REC_HEADER: usize = 64;
 /// A sector hash: xxh3-128 of the sector's bytes.
 pub const HASH_LEN: usize = 16;
@@ -154,8 +158,9 @@ impl Journal {
         let result = (|| {
             file.write_all_at(&sb.encode(), 0)?;
             let zeros = vec![0u8; slot_size as usize];
-            file.write_all_at(&zeros, SB_SIZE)?;
-            file.write_all_at(&zeros, SB_SIZE + slot_size)?;
+            for slot in 0..SLOTS {
+                file.write_all_at(&zeros, SB_SIZE + slot * slot_size)?;
+            }
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
             sync_dir(path)
@@ -197,7 +202,7 @@ impl Journal {
     }
 
     fn slot_offset(&self, seq: u64) -> u64 {
-        SB_SIZE + (seq % 2) * self.slot_size
+        SB_SIZE + (seq % SLOTS) * self.slot_size
     }
 
     /// Write a record and make it durable before returning.
@@ -260,14 +265,19 @@ impl Journal {
         }))
     }
 
-    /// The newest valid record, if any was ever written.
-    pub fn latest(&self) -> io::Result<Option<Record>> {
-        let a = self.read_slot(0)?;
-        let b = self.read_slot(1)?;
-        Ok(match (a, b) {
-            (Some(a), Some(b)) => Some(if a.seq > b.seq { a } else { b }),
-            (a, b) => a.or(b),
-        })
+    /// The records whose chunks may be in flight, oldest first: every valid record within `SLOTS`
+    /// of the newest. Empty when no record was ever written (no data was touched).
+    pub fn window(&self) -> io::Result<Vec<Record>> {
+        let mut recs = Vec::new();
+        for slot in 0..SLOTS {
+            if let Some(r) = self.read_slot(slot)? {
+                recs.push(r);
+            }
+        }
+        let newest = recs.iter().map(|r| r.seq).max().unwrap_or(0);
+        recs.retain(|r| r.seq + SLOTS > newest);
+        recs.sort_by_key(|r| r.seq);
+        Ok(recs)
     }
 
     /// Delete the journal file (the pass is finished) and make the deletion durable.
@@ -312,7 +322,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         let j = Journal::create(&p, sb()).unwrap();
-        assert!(j.latest().unwrap().is_none());
+        assert!(j.window().unwrap().is_empty());
         assert!(
             Journal::create(&p, sb()).is_err(),
             "never overwrite a journal"
@@ -323,15 +333,28 @@ mod tests {
             len: 4096,
             hashes: vec![[seq as u8; 16]; 8],
         };
-        j.write(&rec(1)).unwrap();
-        j.write(&rec(2)).unwrap();
-        assert_eq!(j.latest().unwrap(), Some(rec(2)));
-        // Tear record 3 (slot 1): record 2 in slot 0 must remain the answer.
-        j.write(&rec(3)).unwrap();
+        for seq in 1..=10 {
+            j.write(&rec(seq)).unwrap();
+        }
+        let w = j.window().unwrap();
+        assert_eq!(
+            w.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (3..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(w.last(), Some(&rec(10)));
+        // Tear record 11 (it overwrites record 3's slot): records 4..=10 remain the window.
+        j.write(&rec(11)).unwrap();
         j.file
-            .write_all_at(&[0xff; 8], SB_SIZE + j.slot_size + REC_HEADER as u64 + 5)
+            .write_all_at(
+                &[0xff; 8],
+                SB_SIZE + 3 * j.slot_size + REC_HEADER as u64 + 5,
+            )
             .unwrap();
-        assert_eq!(j.latest().unwrap(), Some(rec(2)));
+        let w = j.window().unwrap();
+        assert_eq!(
+            w.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (4..=10).collect::<Vec<_>>()
+        );
         let again = Journal::open(&p).unwrap().unwrap();
         assert_eq!(again.sb, sb());
         again.remove().unwrap();

@@ -152,7 +152,12 @@ pub fn observe(paths: &Paths) -> Result<State, Error> {
         path: paths.journal.display().to_string(),
     };
     if let Some(j) = Journal::open(&paths.journal).map_err(corrupt)? {
-        let done = j.latest().map_err(corrupt)?.map(|r| r.offset).unwrap_or(0);
+        let done = j
+            .window()
+            .map_err(corrupt)?
+            .first()
+            .map(|r| r.offset)
+            .unwrap_or(0);
         return Ok(State::Unfinished {
             direction: j.sb.direction,
             done,
@@ -290,10 +295,11 @@ pub fn run_on(
         stop: req.stop.clone(),
         progress,
     };
-    let (from, seq) = match journal.latest().map_err(corrupt)? {
-        Some(rec) => {
-            engine.recover(&rec)?;
-            (rec.offset + rec.len, rec.seq + 1)
+    let window = journal.window().map_err(corrupt)?;
+    let (from, seq) = match window.last() {
+        Some(newest) => {
+            engine.recover(&window)?;
+            (newest.offset + newest.len, newest.seq + 1)
         }
         None => (0, 1),
     };
