@@ -31,9 +31,12 @@ vfat_facts() {
 	mark VFAT_MODULE "$(grep -c -E '^(vfat|fat) ' /proc/modules)"
 }
 
-# mount_sha DEV MOUNTPOINT FILE FACT: mount DEV read-only, mark FACT=sha256 of FILE (or "missing"), unmount
+# mount_sha DEV MOUNTPOINT FILE FACT: mount DEV read-only, mark FACT=sha256 of FILE (or "missing"), unmount.
+# DEV itself is made read-only first (blockdev --setro): `mount -o ro` of xfs on a writable device still writes
+# to it (measured: the root partition then no longer decrypts to the original bytes).
 mount_sha() {
 	mkdir -p "$2"
+	blockdev --setro "$1"
 	if mount -o ro "$1" "$2"; then
 		v=$(sha256_of "$2$3")
 		mark "$4" "${v:-missing}"

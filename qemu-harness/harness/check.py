@@ -5,6 +5,7 @@ import re
 from .scenario import Scenario, expand
 
 FACT_RE = re.compile(r"@@([A-Za-z0-9_]+)=(.*)$")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 ALWAYS_ABSENT = ["Kernel panic"]
 
 
@@ -16,6 +17,27 @@ def parse_facts(transcript: str) -> dict:
         if m:
             facts[m.group(1)] = m.group(2)
     return facts
+
+
+def rendered_lines(raw: str) -> list[str]:
+    """The console as a terminal shows it: per line (the tty's \\r\\n line ends stripped), the text after its last
+    carriage return, escape sequences removed (an in-place progress line rewritten with \\r leaves only its last state)."""
+    return [ANSI_RE.sub("", line.rstrip("\r").rsplit("\r", 1)[-1]) for line in raw.split("\n")]
+
+
+def check_lines(scn: Scenario, raw: str) -> list[str]:
+    """[[expect_lines]]: every rendered line in which `with` occurs must match `re`; at least `min` such lines."""
+    failures = []
+    lines = rendered_lines(raw)
+    for with_re, full_re, minimum in scn.expect_lines:
+        hits = [l for l in lines if with_re.search(l)]
+        bad = [l for l in hits if not full_re.search(l)]
+        if bad:
+            failures.append(f"{len(bad)} of {len(hits)} console lines with /{with_re.pattern}/ do not match "
+                            f"/{full_re.pattern}/, e.g. {bad[0].strip()!r}")
+        if len(hits) < minimum:
+            failures.append(f"only {len(hits)} console lines with /{with_re.pattern}/ (expected >= {minimum})")
+    return failures
 
 
 def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, sha_before: dict, sha_after: dict,

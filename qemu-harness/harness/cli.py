@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         if args.list:
             for name in scenario.all_names():
                 s = scenario.load(name)
-                print(f"{name:24} {'default' if s.default else 'extra  '}  {s.description}")
+                print(f"{name:28} {'default' if s.default else 'extra  '}  {s.description}")
             return 0
         if args.prepare_only:
             prepare()

@@ -126,6 +126,9 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
                 failures.append(f"power cut boot {i}: forbidden text {bad!r} in line {hit!r} ({serial.name})")
         if i == 1 and r.trigger_at is None:
             failures.append(f"power cut boot 1: /{pc.after.pattern}/ never appeared: nothing was interrupted")
+        errors = [l.strip() for l in transcript.splitlines() if "initcrypt: error:" in l and not l.startswith("[")]
+        if errors:
+            what += f"\n         {errors[0]}"
         rec["what"] = what
         starts = [l.strip() for l in transcript.splitlines() if pc.after.search(l)]
         lines.append(f"boot {i:2d}: {what}" + (f"\n         started: {starts[0]}" if starts else "")
@@ -135,7 +138,8 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
     lines.append(f"{cuts_in_pass} of {pc.boots} cuts landed inside the pass")
     if cuts_in_pass < pc.min_cuts_in_pass:
         failures.append(f"power cut: only {cuts_in_pass} of {pc.boots} cuts landed inside the pass "
-                        f"(min_cuts_in_pass = {pc.min_cuts_in_pass}): lower max_delay")
+                        f"(min_cuts_in_pass = {pc.min_cuts_in_pass}; see power_cut.txt: lower max_delay only if the pass "
+                        "had ended before most cuts)")
     (out / "power_cut.txt").write_text("\n".join(lines) + "\n")
     return records, failures
 
@@ -168,10 +172,12 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
         t_final = time.monotonic()
         result = boot_once(scn, cmd, images, serial)
         t_checks = time.monotonic()
-        transcript = serial.read_text(errors="replace").replace("\r", "")
+        raw = serial.read_text(errors="replace")
+        transcript = raw.replace("\r", "")
         guest_facts = check.parse_facts(transcript)
         sha_after = {name: sha256_file(p) for name, p in images.items()}
         failures += check.check(scn, transcript, facts, guest_facts, sha_before, sha_after, result)
+        failures += check.check_lines(scn, raw)
         disk_facts = {}
         for disk, checks in scn.expect_disk.items():
             f, found = diskcheck.check_os_disk(disk, checks, facts[disk], keys, images[disk], out)

@@ -14,7 +14,7 @@ SCENARIO_DIR = HARNESS_DIR / "scenarios"
 
 TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
             "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk",
-            "power_cut"}
+            "power_cut", "expect_lines"}
 DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
                     "logical_block_size"}
 DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size"}
@@ -70,6 +70,7 @@ class Scenario:
     expect_disk: dict
     path: Path
     power_cut: PowerCut | None = None
+    expect_lines: list = field(default_factory=list)  # [(with: re.Pattern, re: re.Pattern, min: int)]
 
 
 def _fail(path, msg):
@@ -134,6 +135,15 @@ def load(name: str) -> Scenario:
         if power_cut.boots < 1 or not 0 <= power_cut.min_delay < power_cut.max_delay:
             _fail(path, "power_cut: boots >= 1 and 0 <= min_delay < max_delay")
 
+    expect_lines = []
+    for i, rule in enumerate(data.get("expect_lines", [])):
+        if set(rule) - {"with", "re", "min"} or not {"with", "re"} <= set(rule):
+            _fail(path, f"expect_lines[{i}]: keys are with, re and optional min")
+        try:
+            expect_lines.append((re.compile(rule["with"]), re.compile(rule["re"]), int(rule.get("min", 1))))
+        except (re.error, ValueError) as e:
+            _fail(path, f"expect_lines[{i}]: {e}")
+
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
@@ -142,7 +152,7 @@ def load(name: str) -> Scenario:
         expect_in_order=data.get("expect_in_order", []), expect_present=data.get("expect_present", []),
         expect_absent=data.get("expect_absent", []),
         expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
-        expect_disk=expect_disk, path=path, power_cut=power_cut)
+        expect_disk=expect_disk, path=path, power_cut=power_cut, expect_lines=expect_lines)
 
 
 def all_names() -> list[str]:
