@@ -450,3 +450,100 @@ fn a_device_smaller_than_the_journal_is_refused() {
     );
     assert_eq!(sha256(&img), before);
 }
+
+/// SIGTERM through the real signal path: the pass stops at a safe point with exit 7 and a line
+/// saying how to resume; the same command then finishes, and the data round-trips.
+#[test]
+fn sigterm_stops_at_a_safe_point_and_the_same_command_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let img = plain_image(dir.path(), "t.img", 256, 0);
+    let before = sha256(&img);
+    let hdr = dir.path().join("h");
+    let mut stopped = false;
+    for delay_ms in [150u64, 60, 20, 5] {
+        let child = Command::new(env!("CARGO_BIN_EXE_initcrypt"))
+            .args([
+                "encrypt-image",
+                "--device",
+                img.to_str().unwrap(),
+                "--header",
+                hdr.to_str().unwrap(),
+                "--key-file",
+                key.to_str().unwrap(),
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        run("kill", &["-TERM", &child.id().to_string()]);
+        let out = child.wait_with_output().unwrap();
+        if out.status.code() == Some(7) {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("stopped at a safe point"), "{err}");
+            assert!(!hdr.exists(), "no final header for a stopped pass");
+            stopped = true;
+            break;
+        }
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Finished before the signal: start over from plaintext.
+        assert!(ours("decrypt-image", &img, &hdr, &key, &[])
+            .status
+            .success());
+    }
+    assert!(stopped, "SIGTERM never landed inside a pass");
+    assert!(ours("encrypt-image", &img, &hdr, &key, &[])
+        .status
+        .success());
+    assert!(ours("decrypt-image", &img, &hdr, &key, &[])
+        .status
+        .success());
+    assert_eq!(sha256(&img), before);
+}
+
+/// A boot partition too small for the header (or the journal): exit 7 naming the boot partition,
+/// and the data device untouched.
+#[test]
+fn a_full_boot_partition_writes_nothing_to_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let img = plain_image(dir.path(), "b.img", 20, 0);
+    let before = sha256(&img);
+    let boot = dir.path().join("boot");
+    std::fs::create_dir(&boot).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1M",
+            "tmpfs",
+            boot.to_str().unwrap(),
+        ],
+    );
+    let out = ours(
+        "encrypt-image",
+        &img,
+        &boot.join("luks/osluksheader"),
+        &key,
+        &[],
+    );
+    let _ = Command::new("umount").arg(&boot).status();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("boot partition") || err.contains("No space"),
+        "{err}"
+    );
+    assert_eq!(sha256(&img), before);
+}

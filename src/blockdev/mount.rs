@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::{BlockDev, Error};
 
@@ -36,6 +36,13 @@ impl TempMount {
         for fstype in BOOT_FSTYPES {
             match rustix::mount::mount(&node, target, *fstype, flags, None) {
                 Ok(()) => {
+                    // Private propagation: the mount must not appear in (or be unmounted through)
+                    // any peer namespace, e.g. the real root's once systemd switches over.
+                    if let Err(e) =
+                        rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE)
+                    {
+                        log::debug!("cannot make {} private: {e}", target.display());
+                    }
                     log::debug!("mounted {} ({fstype}) at {}", dev.name, target.display());
                     return Ok(TempMount {
                         target: target.to_path_buf(),

@@ -58,6 +58,11 @@ pub struct Journal {
     slot_size: u64,
 }
 
+/// Bytes a journal file takes on the boot partition.
+pub fn file_size(chunk_size: u64, sector_size: u32) -> u64 {
+    SB_SIZE + SLOTS * slot_size_for(chunk_size, sector_size)
+}
+
 fn slot_size_for(chunk_size: u64, sector_size: u32) -> u64 {
     let bytes = REC_HEADER as u64 + (chunk_size / sector_size as u64) * HASH_LEN as u64;
     bytes.div_ceil(4096) * 4096

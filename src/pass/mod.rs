@@ -33,6 +33,8 @@ use journal::{sync_dir, Journal, Superblock};
 
 /// 16 MiB chunks, three in flight: 48 MiB of buffers whatever the device size.
 pub const CHUNK_SIZE: u64 = 16 << 20;
+/// What libcryptsetup's default LUKS2 header (metadata + keyslot area) occupies.
+const LUKS2_HEADER_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -347,6 +349,10 @@ fn start(req: &Request, dir: Direction, dev: &dyn Device) -> Result<Option<Journ
                 };
             }
             let sector_size = choose_sector_size(req, dev)?;
+            check_space(
+                &paths.header,
+                LUKS2_HEADER_BYTES + journal::file_size(CHUNK_SIZE, sector_size),
+            )?;
             let uuid = new_header(req, sector_size)?;
             let sb = superblock(req, dir, sector_size, dev.len(), uuid);
             create_journal(paths, sb).map(Some)
@@ -512,9 +518,11 @@ fn new_header(req: &Request, sector_size: u32) -> Result<String, Error> {
         uuid,
         pbkdf2_iterations: req.pbkdf2_iterations,
     };
+    // The header file lives on the boot partition: an I/O failure while formatting it is a boot
+    // partition problem (full, read-only, failing), never the data device's.
     let formatted = LuksVolume::format_detached(pending, req.device, req.key, &params)
         .and_then(|v| v.info())
-        .map_err(Error::from)
+        .map_err(|e| boot_err(std::io::Error::other(e.to_string())))
         .and_then(|_| {
             f.sync_all()
                 .and_then(|_| sync_dir(pending))
@@ -525,6 +533,36 @@ fn new_header(req: &Request, sector_size: u32) -> Result<String, Error> {
         return Err(e);
     }
     Ok(uuid.to_string())
+}
+
+/// Refuse to start when the boot partition cannot hold the header and the journal: found out before
+/// anything is written, with the numbers the operator needs.
+fn check_space(header: &Path, needed: u64) -> Result<(), Error> {
+    let dir = header
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let st = rustix::fs::statvfs(probe).map_err(|e| Error::BootPartition {
+        path: dir.display().to_string(),
+        source: e.into(),
+    })?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < needed {
+        let msg = format!(
+            "{} MiB free, the header and journal need {} MiB",
+            free >> 20,
+            needed.div_ceil(1 << 20)
+        );
+        return Err(Error::BootPartition {
+            path: dir.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, msg),
+        });
+    }
+    Ok(())
 }
 
 fn rename_durably(from: &Path, to: &Path) -> Result<(), Error> {
