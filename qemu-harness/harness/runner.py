@@ -87,7 +87,7 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
     """The [power_cut] boots before the final one. Returns (one record per boot, failures)."""
     pc = scn.power_cut
     rng = random.Random(pc.seed)
-    records, failures = [], []
+    records, failures, boot_failures = [], [], []
     lines = [f"power cut: {pc.boots} boots, seed {pc.seed}, cut {pc.min_delay}-{pc.max_delay} s after "
              f"/{pc.after.pattern}/" + (f", pass ends at /{pc.until.pattern}/" if pc.until else "")]
     for i in range(1, pc.boots + 1):
@@ -107,7 +107,7 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
         rec["cut_in_pass"] = bool(r.killed_at is not None and r.trigger_at is not None and not done_line)
         if r.timed_out:
             what = f"timed out after {scn.timeout:.0f} s"
-            failures.append(f"power cut boot {i}: {what}")
+            boot_failures.append((i, what))
         elif r.killed_at is not None:
             what = (f"killed at {r.killed_at:.2f} s ({delay:.2f} s after the trigger at {r.trigger_at:.2f} s), "
                     + ("inside the pass" if rec["cut_in_pass"] else "after the pass had ended"))
@@ -117,13 +117,13 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
             what = f"finished by itself at {r.wall:.2f} s, trigger never seen"
         if r.killed_at is None and not r.timed_out:
             if r.returncode != 0:
-                failures.append(f"power cut boot {i}: QEMU exited with rc {r.returncode}")
+                boot_failures.append((i, f"QEMU exited with rc {r.returncode}"))
             if "@@HARNESS_DONE=1" not in transcript:
-                failures.append(f"power cut boot {i}: guest did not reach the end of /init")
+                boot_failures.append((i, "guest did not reach the end of /init"))
         for bad in check.ALWAYS_ABSENT + scn.expect_absent:
             hit = next((l.strip() for l in transcript.splitlines() if bad in l), None)
             if hit:
-                failures.append(f"power cut boot {i}: forbidden text {bad!r} in line {hit!r} ({serial.name})")
+                boot_failures.append((i, f"forbidden text {bad!r} in line {hit!r}"))
         if i == 1 and r.trigger_at is None:
             failures.append(f"power cut boot 1: /{pc.after.pattern}/ never appeared: nothing was interrupted")
         errors = [l.strip() for l in transcript.splitlines() if "initcrypt: error:" in l and not l.startswith("[")]
@@ -134,6 +134,11 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
         lines.append(f"boot {i:2d}: {what}" + (f"\n         started: {starts[0]}" if starts else "")
                      + (f"\n         last progress: {rec['last_progress']}" if rec["last_progress"] else ""))
         records.append(rec)
+    merged: dict[str, list[int]] = {}
+    for i, msg in boot_failures:  # one line per distinct failure, naming the boots (bootNN.serial.log)
+        merged.setdefault(msg, []).append(i)
+    failures += [f"power cut boot{'s' if len(b) > 1 else ''} {','.join(map(str, b))}: {msg}"
+                 for msg, b in merged.items()]
     cuts_in_pass = sum(r["cut_in_pass"] for r in records)
     lines.append(f"{cuts_in_pass} of {pc.boots} cuts landed inside the pass")
     if cuts_in_pass < pc.min_cuts_in_pass:
