@@ -80,6 +80,17 @@ fn ours(verb: &str, img: &Path, hdr: &Path, key: &Path, extra: &[&str]) -> std::
         .unwrap()
 }
 
+/// Run ours and require success, showing its stderr otherwise.
+fn ours_ok(verb: &str, img: &Path, hdr: &Path, key: &Path) {
+    let out = ours(verb, img, hdr, key, &[]);
+    assert!(
+        out.status.success(),
+        "{verb} {}: {}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn stock_decrypt(img: &Path, hdr: &Path, key: &Path) {
     run(
         "cryptsetup",
@@ -186,12 +197,8 @@ fn stock_encrypts_ours_decrypts_and_drops_the_header() {
         // And ours both ways, then again: a second run has nothing to do.
         let out = ours("encrypt-image", &img, &hdr, &key, &[]);
         assert!(out.status.success());
-        assert!(ours("encrypt-image", &img, &hdr, &key, &[])
-            .status
-            .success());
-        assert!(ours("decrypt-image", &img, &hdr, &key, &[])
-            .status
-            .success());
+        ours_ok("encrypt-image", &img, &hdr, &key);
+        ours_ok("decrypt-image", &img, &hdr, &key);
         assert_eq!(sha256(&img), before);
     }
 }
@@ -231,19 +238,14 @@ fn wrong_key_foreign_header_and_foreign_journal_write_nothing() {
     assert_eq!(sha256(&img), before);
     // Interrupt a pass by stopping it, then resume with the wrong key: exit 4, untouched.
     let hdr = dir.path().join("h2");
-    let stop = Arc::new(AtomicBool::new(true));
     let secret = Secret::new(Zeroizing::new(std::fs::read(&key).unwrap()));
-    let req = Request {
-        device: &img,
-        paths: Paths::for_header(&hdr),
-        key: &secret,
-        key_name: "key",
-        // The identity the CLI uses for an image: its canonical path.
-        identity: std::fs::canonicalize(&img).unwrap().display().to_string(),
-        sector_size: None,
-        pbkdf2_iterations: 1000,
-        stop,
-    };
+    let req = request(
+        &img,
+        &hdr,
+        &secret,
+        std::fs::canonicalize(&img).unwrap().display().to_string(),
+        true,
+    );
     let err = pass::encrypt(&req, &mut |_, _| {}).unwrap_err();
     assert_eq!(err.exit().code(), 7, "{err}");
     let mid = sha256(&img);
@@ -255,11 +257,7 @@ fn wrong_key_foreign_header_and_foreign_journal_write_nothing() {
     );
     assert_eq!(sha256(&img), mid);
     // The journal names another device: refused before any write.
-    let other = Request {
-        identity: "id-b".into(),
-        stop: Arc::new(AtomicBool::new(false)),
-        ..req
-    };
+    let other = request(&img, &hdr, &secret, "id-b".into(), false);
     let err = pass::encrypt(&other, &mut |_, _| {}).unwrap_err();
     assert_eq!(err.exit().code(), 6, "{err}");
     assert_eq!(sha256(&img), mid);
@@ -342,6 +340,26 @@ fn kill_9_at_50_random_instants_then_resume() {
     );
 }
 
+/// A pass request with the fast PBKDF; `stopped` starts it with the stop flag already set.
+fn request<'a>(
+    img: &'a Path,
+    hdr: &Path,
+    key: &'a Secret,
+    identity: String,
+    stopped: bool,
+) -> Request<'a> {
+    Request {
+        device: img,
+        paths: Paths::for_header(hdr),
+        key,
+        key_name: "key",
+        identity,
+        sector_size: None,
+        pbkdf2_iterations: 1000,
+        stop: Arc::new(AtomicBool::new(stopped)),
+    }
+}
+
 /// A device that fails its n-th write after writing only half of it (a short write, then EIO).
 struct FailingDevice {
     inner: FileDevice,
@@ -382,16 +400,7 @@ fn failing_device_never_advances_the_journal_past_unwritten_data() {
         let img = dir.path().join("f-run.img");
         std::fs::copy(&pristine, &img).unwrap();
         let hdr = dir.path().join(format!("f{fail_at}.hdr"));
-        let req = Request {
-            device: &img,
-            paths: Paths::for_header(&hdr),
-            key: &key,
-            key_name: "k",
-            identity: "f".into(),
-            sector_size: None,
-            pbkdf2_iterations: 1000,
-            stop: Arc::new(AtomicBool::new(false)),
-        };
+        let req = request(&img, &hdr, &key, "f".into(), false);
         let dev = FailingDevice {
             inner: FileDevice::open(&img).unwrap(),
             fail_at,
@@ -423,16 +432,13 @@ fn a_device_smaller_than_the_journal_is_refused() {
     let img = plain_image(dir.path(), "s.img", 40, 0);
     let hdr = dir.path().join("h");
     let secret = Secret::new(Zeroizing::new(std::fs::read(&key).unwrap()));
-    let req = Request {
-        device: &img,
-        paths: Paths::for_header(&hdr),
-        key: &secret,
-        key_name: "key",
-        identity: std::fs::canonicalize(&img).unwrap().display().to_string(),
-        sector_size: None,
-        pbkdf2_iterations: 1000,
-        stop: Arc::new(AtomicBool::new(true)),
-    };
+    let req = request(
+        &img,
+        &hdr,
+        &secret,
+        std::fs::canonicalize(&img).unwrap().display().to_string(),
+        true,
+    );
     assert!(pass::encrypt(&req, &mut |_, _| {}).is_err());
     std::fs::OpenOptions::new()
         .write(true)
@@ -491,17 +497,11 @@ fn sigterm_stops_at_a_safe_point_and_the_same_command_resumes() {
             String::from_utf8_lossy(&out.stderr)
         );
         // Finished before the signal: start over from plaintext.
-        assert!(ours("decrypt-image", &img, &hdr, &key, &[])
-            .status
-            .success());
+        ours_ok("decrypt-image", &img, &hdr, &key);
     }
     assert!(stopped, "SIGTERM never landed inside a pass");
-    assert!(ours("encrypt-image", &img, &hdr, &key, &[])
-        .status
-        .success());
-    assert!(ours("decrypt-image", &img, &hdr, &key, &[])
-        .status
-        .success());
+    ours_ok("encrypt-image", &img, &hdr, &key);
+    ours_ok("decrypt-image", &img, &hdr, &key);
     assert_eq!(sha256(&img), before);
 }
 
