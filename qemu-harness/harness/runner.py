@@ -83,8 +83,13 @@ def boot_once(scn: Scenario, cmd: list[str], images: dict, serial: Path, kill: v
         shutil.rmtree(qmp_sock.parent, ignore_errors=True)
 
 
-def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> tuple[list[dict], list[str]]:
-    """The [power_cut] boots before the final one. Returns (one record per boot, failures)."""
+def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, facts: dict,
+                    keys: disks.KeyStore) -> tuple[list[dict], list[str]]:
+    """The [power_cut] boots before the final one. Returns (one record per boot, failures).
+
+    After every cut, on each disk with decrypts_to_original: the boot partition's pass files are listed, and if the
+    final header exists (published = the pass is complete), the whole decrypts_to_original check must hold at once:
+    a half-encrypted device must never be openable as whole (design §5)."""
     pc = scn.power_cut
     rng = random.Random(pc.seed)
     records, failures, boot_failures = [], [], []
@@ -129,6 +134,20 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path) -> t
         errors = [l.strip() for l in transcript.splitlines() if "initcrypt: error:" in l and not l.startswith("[")]
         if errors:
             what += f"\n         {errors[0]}"
+        if r.killed_at is not None:
+            for disk, checks in scn.expect_disk.items():
+                if not checks.get("decrypts_to_original"):
+                    continue
+                hp = facts[disk].get("header_path", "luks/osluksheader")
+                listing = diskcheck.boot_listing(images[disk], hp, out / f"check-{disk}")
+                rec.setdefault("boot_files", {})[disk] = listing
+                what += f"\n         {disk} boot partition after the cut: {' '.join(listing) or 'no pass files'}"
+                if Path(hp).name in listing:
+                    f, found = diskcheck.check_os_disk(disk, {"decrypts_to_original": True}, facts[disk], keys,
+                                                       images[disk], out, final=False)
+                    rec.setdefault("published_header_check", {})[disk] = found
+                    boot_failures += [(i, f"after the cut, with the final header published: {m}") for m in f]
+                    what += "; final header published: " + ("decrypts to the original" if not f else "CHECK FAILED")
         rec["what"] = what
         starts = [l.strip() for l in transcript.splitlines() if pc.after.search(l)]
         lines.append(f"boot {i:2d}: {what}" + (f"\n         started: {starts[0]}" if starts else "")
@@ -173,7 +192,7 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
         t_boot = time.monotonic()
         failures, cut_records = [], []
         if scn.power_cut:
-            cut_records, failures = power_cut_boots(scn, cmd, images, out)
+            cut_records, failures = power_cut_boots(scn, cmd, images, out, facts, keys)
         t_final = time.monotonic()
         result = boot_once(scn, cmd, images, serial)
         t_checks = time.monotonic()
