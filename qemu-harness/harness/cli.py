@@ -1,15 +1,40 @@
 """qemu-harness/run: --list | --all | NAME..."""
 
 import argparse
+import fcntl
+import os
 import sys
+import time
 
 from . import scenario
-from .binary import locate_binary
+from .binary import locate_binary, target_dir
 from .prepare import prepare
 from .runner import run_scenario
 from .util import HarnessError, log
 
 TAIL_LINES = 15
+
+
+def exclusive_run_lock():
+    """One harness run at a time per target dir: two runs would wipe each other's target/qemu/<scenario>/ and share
+    2 cores under TCG. A second run waits (and says so) instead of clobbering the first."""
+    d = target_dir() / "qemu"
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / ".run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        log(f"waiting for another qemu-harness run ({holder}) to finish: one run at a time per {d}")
+        t0 = time.monotonic()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        log(f"lock acquired after {time.monotonic() - t0:.0f} s")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def main(argv=None) -> int:
@@ -48,6 +73,7 @@ def main(argv=None) -> int:
         print(f"0 passed, {len(names)} failed", flush=True)
         return 2
 
+    lock = exclusive_run_lock()
     passed = failed = 0
     for scn in scenarios:
         log(f"--- {scn.name}: {scn.description}")
@@ -61,6 +87,7 @@ def main(argv=None) -> int:
             print(f"    --- last {len(tail)} lines of {r.serial_log.name}:", *(f"    | {t}" for t in tail), sep="\n")
         passed, failed = passed + r.passed, failed + (not r.passed)
     print(f"{passed} passed, {failed} failed", flush=True)
+    lock.close()
     return 1 if failed else 0
 
 
