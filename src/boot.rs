@@ -352,12 +352,20 @@ fn resume_luks2(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), 
     check_not_busy(v, &loc.dev)?;
     let node = loc.dev.checked_node()?;
     let key = keys.key_for(&v.key_file)?;
+    let vol = LuksVolume::new(&node, loc.header.as_deref());
+    let pct = vol.reencrypted_bytes().map(|b| {
+        format!(
+            "{}%",
+            (b * 100).checked_div(loc.dev.size).unwrap_or(0).min(100)
+        )
+    });
     log::info!(
-        "{}: resuming the unfinished LUKS2 reencryption of {} (left by ADE or cryptsetup)",
+        "{}: resuming the encryption of {} at {} (an unfinished LUKS2 reencryption left by ADE or cryptsetup)",
         v.name,
-        node.display()
+        node.display(),
+        pct.as_deref().unwrap_or("an unknown point")
     );
-    LuksVolume::new(&node, loc.header.as_deref()).resume_reencryption(&key, &v.key_file)?;
+    vol.resume_reencryption(&key, &v.key_file)?;
     log::info!(
         "{}: encrypted {} in place (LUKS2 reencryption finished)",
         v.name,

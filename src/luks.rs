@@ -302,6 +302,20 @@ impl LuksVolume {
             })
     }
 
+    /// Bytes already in the new (crypt) segments of an unfinished LUKS2 reencryption, read from the
+    /// header's JSON metadata; None when the metadata does not say.
+    pub fn reencrypted_bytes(&self) -> Option<u64> {
+        let mut dev = self.context().ok()?;
+        let json = dev.status_handle().dump_json().ok()?;
+        let segments = json.get("segments")?.as_object()?;
+        let done = segments
+            .values()
+            .filter(|s| s.get("type").and_then(|t| t.as_str()) == Some("crypt"))
+            .filter_map(|s| s.get("size")?.as_str()?.parse::<u64>().ok())
+            .sum();
+        Some(done)
+    }
+
     pub fn info(&self) -> Result<Info, Error> {
         let mut dev = self.context()?;
         let version = match dev.format_handle().get_type() {

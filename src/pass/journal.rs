@@ -182,9 +182,19 @@ impl Journal {
         })
     }
 
-    /// Open an existing journal; `Ok(None)` if none exists, an error if it is not one of ours.
+    /// Open an existing journal to resume it; `Ok(None)` if none exists, an error if it is not ours.
     pub fn open(path: &Path) -> io::Result<Option<Journal>> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Journal::open_with(path, true)
+    }
+
+    /// Open an existing journal only to look at it: observation runs with the boot partition
+    /// mounted read-only (after a power cut, too).
+    pub fn open_read_only(path: &Path) -> io::Result<Option<Journal>> {
+        Journal::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, write: bool) -> io::Result<Option<Journal>> {
+        let file = match OpenOptions::new().read(true).write(write).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),

@@ -153,7 +153,7 @@ pub fn observe(paths: &Paths) -> Result<State, Error> {
         detail: e.to_string(),
         path: paths.journal.display().to_string(),
     };
-    if let Some(j) = Journal::open(&paths.journal).map_err(corrupt)? {
+    if let Some(j) = Journal::open_read_only(&paths.journal).map_err(corrupt)? {
         let done = j
             .window()
             .map_err(corrupt)?

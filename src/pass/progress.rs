@@ -11,6 +11,9 @@ pub struct Progress {
     last_step: u64,
     /// Rewrite the line in place (a terminal); else only the 5 % lines.
     in_place: bool,
+    /// Length of the in-place line on screen (to blank it before a log line), and when it was drawn.
+    drawn: usize,
+    last_draw: Option<Instant>,
 }
 
 fn gib(b: u64) -> f64 {
@@ -33,6 +36,8 @@ impl Progress {
             start_bytes: None,
             last_step: u64::MAX,
             in_place,
+            drawn: 0,
+            last_draw: None,
         }
     }
 
@@ -57,20 +62,40 @@ impl Progress {
         )
     }
 
+    /// The 5 % lines go through `log` (console and kmsg). Between them, on a terminal, the same
+    /// line is redrawn in place at most once a second (a serial console is slow); it is blanked
+    /// before every log line so the two never share a console line.
     pub fn update(&mut self, done: u64, total: u64) {
         self.start_bytes.get_or_insert(done);
         let line = self.line(done, total);
-        if self.in_place {
-            let _ = write!(std::io::stderr(), "\r{line}\x1b[K");
-            if done >= total {
-                let _ = writeln!(std::io::stderr());
-            }
-        }
         let step = (done.saturating_mul(20)).checked_div(total).unwrap_or(20);
         if step != self.last_step {
             self.last_step = step;
+            self.blank();
             log::info!("{line}");
+            return;
         }
+        let due = self.last_draw.is_none_or(|t| t.elapsed().as_secs() >= 1);
+        if self.in_place && due {
+            let text = format!("initcrypt: {line}");
+            let pad = self.drawn.saturating_sub(text.len());
+            let _ = write!(std::io::stderr(), "\r{text}{}", " ".repeat(pad));
+            self.drawn = text.len();
+            self.last_draw = Some(Instant::now());
+        }
+    }
+
+    fn blank(&mut self) {
+        if self.in_place && self.drawn > 0 {
+            let _ = write!(std::io::stderr(), "\r{}\r", " ".repeat(self.drawn));
+            self.drawn = 0;
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.blank();
     }
 }
 
