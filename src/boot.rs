@@ -396,6 +396,70 @@ fn open(v: &Volume, loc: &Located, info: &Info, keys: &KeyVolumes) -> Result<(),
     Ok(())
 }
 
+/// `initcrypt encrypt <name>` / `decrypt <name>`: run (or resume) the pass of one configured
+/// volume now, whatever its desired state says, leaving the mapping closed. Offline only: the device
+/// must not be mounted or held (run it from the initramfs or on a data disk nothing uses).
+pub fn pass_one(
+    config_path: &Path,
+    params: &BootParams,
+    name: &str,
+    direction: Direction,
+) -> Result<(), Error> {
+    let volumes = config::load(config_path, params)?;
+    let v = volumes.iter().find(|v| v.name == name).ok_or_else(|| {
+        let known: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        Error::Config(config::Error::Invalid {
+            path: config_path.to_path_buf(),
+            detail: format!(
+                "no volume named {name} (configured: {})",
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        })
+    })?;
+    if blockdev::mapping_active(&v.name).is_some() {
+        let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
+        return Err(Error::Busy {
+            name: v.name.clone(),
+            device: loc.dev.name.clone(),
+            what: format!("open as /dev/mapper/{}", v.name),
+        });
+    }
+    let keys = keyvol::find(params.keyvol_timeout)?;
+    let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
+    let obs = observe(v, &loc)?;
+    drop(loc);
+    let resume_at = match obs {
+        Observed::Unfinished { done, total, .. } => Some((done, total)),
+        _ => None,
+    };
+    let nothing_to_do = matches!(
+        (&obs, direction),
+        (Observed::Encrypted(_), Direction::Encrypt)
+            | (Observed::Plaintext { .. }, Direction::Decrypt)
+    );
+    if nothing_to_do {
+        log::info!(
+            "{name} is already {}; nothing to do",
+            if direction == Direction::Encrypt {
+                "encrypted"
+            } else {
+                "decrypted"
+            }
+        );
+        return Ok(());
+    }
+    if let Observed::Encrypted(i) = &obs {
+        if i.reencrypt_pending && direction == Direction::Encrypt {
+            return resume_luks2(v, &keys, params.keyvol_timeout);
+        }
+    }
+    run_pass(v, &keys, params.keyvol_timeout, direction, resume_at)
+}
+
 /// `initcrypt boot`: keys + reconcile + open every volume. Every volume is tried; the exit code is
 /// the OS volume's failure if it failed, else the first data volume's (data volumes never stop
 /// the OS from booting).

@@ -79,8 +79,7 @@ struct KeysCmd {
 #[argh(subcommand, name = "keyscript")]
 struct KeyscriptCmd {}
 
-/// encrypt a configured volume in place (not implemented yet)
-#[allow(dead_code)]
+/// encrypt a configured volume in place now, offline (resumes an interrupted pass); --online is not implemented yet
 #[derive(FromArgs)]
 #[argh(subcommand, name = "encrypt")]
 struct EncryptCmd {
@@ -134,8 +133,7 @@ struct DecryptImageCmd {
     journal: Option<PathBuf>,
 }
 
-/// decrypt a configured volume in place (not implemented yet)
-#[allow(dead_code)]
+/// decrypt a configured volume in place now, offline, and drop its header (resumes an interrupted pass)
 #[derive(FromArgs)]
 #[argh(subcommand, name = "decrypt")]
 struct DecryptCmd {
@@ -315,7 +313,8 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
         Cmd::Status(s) => status::run(cfg, params, s.json)?,
         Cmd::Keyvol(k) => keyvol_cmd(k, params)?,
         Cmd::Generator(_) => not_yet("generator")?,
-        Cmd::Encrypt(_) => not_yet("encrypt")?,
+        Cmd::Encrypt(e) if e.online => not_yet("encrypt --online")?,
+        Cmd::Encrypt(e) => boot::pass_one(cfg, params, &e.name, Direction::Encrypt)?,
         Cmd::EncryptImage(c) => image_pass(
             &c.device,
             &c.header,
@@ -334,7 +333,7 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
             0,
             Direction::Decrypt,
         )?,
-        Cmd::Decrypt(_) => not_yet("decrypt")?,
+        Cmd::Decrypt(d) => boot::pass_one(cfg, params, &d.name, Direction::Decrypt)?,
         Cmd::Enable(_) => not_yet("enable")?,
         Cmd::Disable(_) => not_yet("disable")?,
         Cmd::Rotate(_) => not_yet("rotate")?,

@@ -71,6 +71,21 @@ fn invalid_config_exits_8_naming_the_field() {
 }
 
 #[test]
+fn encrypt_and_decrypt_of_an_unknown_volume_exit_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("volumes.json");
+    std::fs::write(&cfg, r#"{"version":1,"volumes":[]}"#).unwrap();
+    for verb in ["encrypt", "decrypt"] {
+        let out = initcrypt()
+            .args(["--config", cfg.to_str().unwrap(), verb, "nope"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(8), "{verb}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no volume named nope"));
+    }
+}
+
+#[test]
 fn status_json_reports_missing_devices_without_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("volumes.json");
