@@ -93,27 +93,7 @@ fn unfinished_stock_reencryption_is_seen() {
     let data = dir.path().join("d.img");
     truncate(&data, "16M");
     let hdr = dir.path().join("h");
-    truncate(&hdr, "4K");
-    run(
-        "cryptsetup",
-        &[
-            "-q",
-            "reencrypt",
-            "--encrypt",
-            "--init-only",
-            "--type",
-            "luks2",
-            "--header",
-            hdr.to_str().unwrap(),
-            "--key-file",
-            key.to_str().unwrap(),
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            data.to_str().unwrap(),
-        ],
-    );
+    common::stock_encrypt(&data, &hdr, &key, &["--init-only"]);
     let info = LuksVolume::new(&data, Some(&hdr)).info().unwrap();
     assert!(
         info.reencrypt_pending,

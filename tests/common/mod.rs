@@ -135,6 +135,31 @@ fn sfdisk(img: &Path, script: &str) {
     assert!(child.wait().unwrap().success(), "sfdisk failed");
 }
 
+/// Stock `cryptsetup reencrypt --encrypt` of an image file with a new detached LUKS2 header, as ADE
+/// lays it out (data offset 0), with the fast PBKDF the tests use; `extra` adds options.
+pub fn stock_encrypt(img: &Path, hdr: &Path, key: &Path, extra: &[&str]) {
+    truncate(hdr, "4K");
+    let mut args = vec![
+        "-q",
+        "reencrypt",
+        "--encrypt",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    let (h, k, i) = (
+        hdr.to_str().unwrap(),
+        key.to_str().unwrap(),
+        img.to_str().unwrap(),
+    );
+    args.extend(["--header", h, "--key-file", k, i]);
+    run("cryptsetup", &args);
+}
+
 pub fn sha256(path: &Path) -> String {
     let out = run("sha256sum", &[path.to_str().unwrap()]);
     String::from_utf8_lossy(&out.stdout)
