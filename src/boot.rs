@@ -260,12 +260,13 @@ fn reconcile(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Err
     for _ in 0..4 {
         let loc = locate(v, timeout, Access::ReadOnly)?;
         let step = next_step(v, observe(v, &loc)?);
+        if let Step::Open(info) = &step {
+            return open(v, &loc, info, keys);
+        }
+        // A pass remounts the boot partition read-write: release the read-only mount first.
         drop(loc);
         match step {
-            Step::Done => return Ok(()),
-            Step::Open(info) => {
-                return open(v, &locate(v, timeout, Access::ReadOnly)?, &info, keys)
-            }
+            Step::Done | Step::Open(_) => return Ok(()),
             Step::Pass {
                 direction,
                 resume_at,

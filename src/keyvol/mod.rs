@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::blockdev::{self, BlockDev};
+use crate::blockdev;
 use crate::exit::{Classify, Exit};
 use crate::secret::Secret;
 
@@ -235,17 +235,8 @@ impl KeyVolumes {
     }
 }
 
-/// The FAT locations a block device may hold: the device itself (partitionless FAT) or, for a
-/// whole disk, its first partition (the layout of the platform's key disk).
-fn locations_of(dev: &BlockDev) -> Vec<Location> {
-    vec![Location {
-        path: dev.node(),
-        offset: 0,
-        len: dev.size,
-    }]
-}
-
-/// Look at every block device once.
+/// Look at every block device once. Partitions are block devices of their own, so a partitioned
+/// key disk is found through its partition and a partitionless one through the disk itself.
 fn scan_once() -> Result<(Vec<KeyVolume>, Vec<String>), Error> {
     let mut found = Vec::new();
     let mut looked = Vec::new();
@@ -254,12 +245,15 @@ fn scan_once() -> Result<(Vec<KeyVolume>, Vec<String>), Error> {
             continue;
         }
         looked.push(dev.name.clone());
-        for loc in locations_of(&dev) {
-            match KeyVolume::at(loc) {
-                Ok(Some(kv)) => found.push(kv),
-                Ok(None) => {}
-                Err(e) => log::debug!("{}: {e}", dev.name),
-            }
+        let loc = Location {
+            path: dev.node(),
+            offset: 0,
+            len: dev.size,
+        };
+        match KeyVolume::at(loc) {
+            Ok(Some(kv)) => found.push(kv),
+            Ok(None) => {}
+            Err(e) => log::debug!("{}: {e}", dev.name),
         }
     }
     Ok((found, looked))

@@ -309,7 +309,7 @@ pub fn run_on(
     engine.run(from, seq)?;
     finish(paths, dir, journal)?;
     Ok(Outcome {
-        bytes: dev.len().min(u64::MAX),
+        bytes: dev.len(),
         resumed,
         already_done: false,
     })
