@@ -180,6 +180,17 @@ fn validate(rv: RawVolume) -> Result<Volume, FieldError> {
             path: check_rel_path(&d.path).map_err(|w| ("header.path", w))?,
         },
     };
+    if matches!(
+        (&header, &device),
+        (Header::Detached { .. }, DeviceSpec::Uuid(_))
+    ) {
+        // With the header elsewhere, the encrypted device carries no UUID at all: name it by
+        // something that survives encryption.
+        return Err((
+            "device",
+            "a detached-header volume must be named by PARTUUID= or /dev/disk/by-path/ (a filesystem UUID disappears once the device is encrypted)".into(),
+        ));
+    }
     let key_file = match rv.key_file {
         Some(k) => check_key_file(&k).map_err(|w| ("key_file", w))?,
         None if rv.role == Role::Os => OS_KEY_FILE.to_string(),

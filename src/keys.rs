@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, BootParams, Volume, ADE_OS_NAME};
+use crate::config::{self, BootParams, Role, Volume, ADE_OS_NAME};
 use crate::exit::{Classify, Exit};
 use crate::keyvol::{self, OS_KEY_FILE};
 use crate::secret::Secret;
@@ -82,16 +82,30 @@ pub fn write_key_file(dir: &Path, name: &str, key: &Secret) -> Result<PathBuf, E
     Ok(path)
 }
 
-/// `initcrypt keys`: one key file per configured volume. Every volume is tried; the first failure is
-/// returned after the others were written (a missing data key must not hold back the OS key).
+/// `initcrypt keys`: one key file per configured volume. Every volume is tried. The exit code is
+/// the OS volume's failure (or the key volume's, when an OS volume is configured): that one stops
+/// the boot. A data volume's failure is printed and its `nofail` systemd-cryptsetup unit fails by
+/// itself, because a data disk must never stop the OS from booting.
 pub fn write_all(config_path: &Path, params: &BootParams) -> Result<(), Error> {
+    if params.skip {
+        log::info!("disabled on the kernel command line (rd.initcrypt=0 or rd.ade=0)");
+        return Ok(());
+    }
     let volumes = config::load(config_path, params)?;
     if volumes.is_empty() {
         log::info!("no volumes configured; no key files written");
         return Ok(());
     }
-    let keyvols = keyvol::find(params.keyvol_timeout)?;
-    let mut first = None;
+    let has_os = volumes.iter().any(|v| v.role == Role::Os);
+    let keyvols = match keyvol::find(params.keyvol_timeout) {
+        Ok(k) => k,
+        Err(e) if !has_os => {
+            log::error!("{e} (only data volumes are configured: the OS boots, they stay closed)");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut os_failure = None;
     for v in &volumes {
         let r = keyvols
             .key_for(&v.key_file)
@@ -99,11 +113,14 @@ pub fn write_all(config_path: &Path, params: &BootParams) -> Result<(), Error> {
             .and_then(|k| write_key_file(Path::new(KEY_DIR), &v.name, &k));
         match r {
             Ok(p) => log::info!("key for {} written to {}", v.name, p.display()),
-            Err(e) if first.is_none() => first = Some(e),
-            Err(e) => log::error!("{e}"),
+            Err(e) if v.role == Role::Os => os_failure = Some(e),
+            Err(e) => log::error!(
+                "{e} (data volume {}: it stays closed, the OS boots)",
+                v.name
+            ),
         }
     }
-    first.map_or(Ok(()), Err)
+    os_failure.map_or(Ok(()), Err)
 }
 
 /// `initcrypt keys --remove`: delete the key files of every configured volume.

@@ -117,9 +117,27 @@ fn root_is_ramfs() -> bool {
     }
 }
 
+/// Under a systemd unit with StandardError=journal(+console), stderr already reaches the journal
+/// and the console: writing /dev/kmsg as well would show every line twice. systemd says so in
+/// $JOURNAL_STREAM ("<dev>:<inode>" of the stream), which must match stderr itself.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        v.split_once(':')
+            .map(|(d, i)| (d.to_string(), i.to_string()))
+    }) else {
+        return false;
+    };
+    let stderr = std::io::stderr();
+    let Ok(st) = rustix::fs::fstat(stderr.as_fd()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
 /// Install the logger once, at the start of `main`.
 pub fn init(debug: bool) {
-    let kmsg = if in_initramfs() {
+    let kmsg = if in_initramfs() && !stderr_is_journal() {
         OpenOptions::new()
             .write(true)
             .open("/dev/kmsg")

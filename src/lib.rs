@@ -5,6 +5,7 @@ pub mod boot;
 pub mod config;
 pub mod exit;
 mod ffi;
+pub mod generator;
 pub mod keys;
 pub mod keyvol;
 pub mod kmsg;

@@ -55,8 +55,7 @@ enum Cmd {
 #[argh(subcommand, name = "boot")]
 struct BootCmd {}
 
-/// systemd generator: emit the initcrypt units for volumes.json (not implemented yet)
-#[allow(dead_code)]
+/// systemd generator (initrd): crypttab lines for the stock systemd-cryptsetup units, plus initcrypt's keys and encrypt units
 #[derive(FromArgs)]
 #[argh(subcommand, name = "generator")]
 struct GeneratorCmd {
@@ -312,7 +311,7 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
         Cmd::Keyscript(_) => keys::keyscript(cfg, params)?,
         Cmd::Status(s) => status::run(cfg, params, s.json)?,
         Cmd::Keyvol(k) => keyvol_cmd(k, params)?,
-        Cmd::Generator(_) => not_yet("generator")?,
+        Cmd::Generator(g) => initcrypt::generator::run(cfg, params, &g.dirs)?,
         Cmd::Encrypt(e) if e.online => not_yet("encrypt --online")?,
         Cmd::Encrypt(e) => boot::pass_one(cfg, params, &e.name, Direction::Encrypt)?,
         Cmd::EncryptImage(c) => image_pass(
@@ -342,7 +341,8 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
     Ok(())
 }
 
-/// argv with `initcrypt-generator` (systemd's generator name) turned into `initcrypt generator`.
+/// argv with `initcrypt-generator` (systemd's generator name) turned into `initcrypt generator`,
+/// and `initcrypt-keyscript` (crypttab keyscript=) into `initcrypt keyscript`.
 fn normalised_args() -> (String, Vec<String>) {
     let mut args: Vec<String> = std::env::args().collect();
     let argv0 = args.first().cloned().unwrap_or_else(|| "initcrypt".into());
@@ -353,8 +353,11 @@ fn normalised_args() -> (String, Vec<String>) {
     if args.is_empty() {
         args.push(argv0.clone());
     }
-    if base == "initcrypt-generator" {
-        args.insert(1, "generator".into());
+    match base.as_str() {
+        "initcrypt-generator" => args.insert(1, "generator".into()),
+        // crypttab's keyscript= takes a path, no arguments: this name means `initcrypt keyscript`.
+        "initcrypt-keyscript" => args.insert(1, "keyscript".into()),
+        _ => {}
     }
     ("initcrypt".into(), args.split_off(1))
 }

@@ -40,7 +40,6 @@ fn usage_errors_exit_2_and_unimplemented_never_succeeds() {
         &["encrypt", "--online", "x"][..],
         &["rotate"],
         &["check"],
-        &["generator", "a", "b", "c"],
     ] {
         let out = initcrypt().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

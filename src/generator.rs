@@ -1,0 +1,328 @@
+//! `initcrypt-generator`: the systemd generator of the initrd (design §1).
+//!
+//! systemd runs generators before any unit starts, and they may only write into their three output
+//! directories. This one turns volumes.json (and ADE's `rd.luks.ade.*` parameters, which only exist
+//! at boot) into:
+//! - crypttab lines (key field `none`, `headless=true`, `x-initrd.attach`, `nofail` on data) that the
+//!   **stock** `systemd-cryptsetup-generator` turns into the stock `systemd-cryptsetup@<name>` units,
+//!   so systemd-cryptsetup, not initcrypt, opens every mapping and finds its key in
+//!   `/run/cryptsetup-keys.d/<name>.key`;
+//! - per volume, a drop-in ordering that unit after `initcrypt-keys.service` and, when the volume is
+//!   wanted encrypted, after (and requiring) `initcrypt-encrypt@<name>.service`.
+//!
+//! Why run the stock generator on our own crypttab instead of baking /etc/crypttab into the image:
+//! ADE's parameters name the disk only on the kernel command line, and generators cannot write
+//! /etc. Why not write the units ourselves: systemd's generator knows its own escaping, device
+//! timeouts and header-device mounts; copying that would drift. The crypttab is kept in
+//! `/run/initcrypt/crypttab` (no secrets) so an operator can read what was asked for.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::{self, BootParams, Desired, Header, Role, Volume};
+use crate::exit::{Classify, Exit};
+
+/// Where the crypttab for the stock generator goes (the running system's /run, never /etc).
+pub const RUNTIME_DIR: &str = "/run/initcrypt";
+/// Where systemd keeps unit files installed by the package / the dracut module.
+const UNIT_DIR: &str = "/usr/lib/systemd/system";
+const STOCK_GENERATORS: [&str; 2] = [
+    "/usr/lib/systemd/system-generators/systemd-cryptsetup-generator",
+    "/lib/systemd/system-generators/systemd-cryptsetup-generator",
+];
+/// Seconds systemd allows initcrypt-keys.service beyond the binary's own key-volume wait.
+const KEYS_TIMEOUT_MARGIN: u64 = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("generator: expected 3 output directories (normal early late), got {0}; systemd passes them")]
+    Usage(usize),
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("generator: cannot write {path}: {source}; is the initrd's /run writable?")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("generator: systemd-cryptsetup-generator is not in this initrd ({}); rebuild the initrd with dracut's crypt module", STOCK_GENERATORS.join(", "))]
+    NoStockGenerator,
+    #[error("generator: systemd-cryptsetup-generator failed on {crypttab} ({status}); check the crypttab lines there")]
+    StockGenerator { crypttab: PathBuf, status: String },
+    #[error("generator: systemd-cryptsetup-generator made no unit for {name} from {crypttab}; check that line")]
+    NoUnit { name: String, crypttab: PathBuf },
+}
+
+impl Classify for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::Usage(_) => Exit::Usage,
+            Error::Config(e) => e.exit(),
+            Error::Write { .. }
+            | Error::NoStockGenerator
+            | Error::StockGenerator { .. }
+            | Error::NoUnit { .. } => Exit::LayoutUnsupported,
+        }
+    }
+}
+
+/// Where the generator reads and writes; `Paths::system()` at boot, temporary folders in tests.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The generator's "normal" output directory (the other two are unused).
+    pub normal: PathBuf,
+    /// Our crypttab for the stock generator.
+    pub runtime_dir: PathBuf,
+    /// The system's crypttab (names already there are left to it).
+    pub etc_crypttab: PathBuf,
+    /// The stock generator to run, or None to search the usual places.
+    pub stock_generator: Option<PathBuf>,
+}
+
+impl Paths {
+    /// SYSTEMD_CRYPTTAB is systemd's own override of /etc/crypttab; it is honoured the same way.
+    pub fn system(normal: PathBuf) -> Paths {
+        let etc = std::env::var_os("SYSTEMD_CRYPTTAB")
+            .map_or_else(|| PathBuf::from("/etc/crypttab"), PathBuf::from);
+        Paths {
+            normal,
+            runtime_dir: PathBuf::from(RUNTIME_DIR),
+            etc_crypttab: etc,
+            stock_generator: None,
+        }
+    }
+}
+
+/// True in the initrd. SYSTEMD_IN_INITRD overrides, as it does for systemd's own generators.
+pub fn in_initrd() -> bool {
+    match std::env::var("SYSTEMD_IN_INITRD").ok().as_deref() {
+        Some("1" | "yes" | "true" | "on") => true,
+        Some("0" | "no" | "false" | "off") => false,
+        _ => Path::new("/etc/initrd-release").exists(),
+    }
+}
+
+/// The generator entry point: `initcrypt-generator <normal> <early> <late>`.
+pub fn run(config_path: &Path, params: &BootParams, dirs: &[String]) -> Result<(), Error> {
+    let [normal, _early, _late] = dirs else {
+        return Err(Error::Usage(dirs.len()));
+    };
+    if !in_initrd() {
+        log::debug!("generator: not in the initrd; the real root's crypttab opens what is left");
+        return Ok(());
+    }
+    if params.skip {
+        log::info!("generator: disabled on the kernel command line (rd.initcrypt=0 or rd.ade=0)");
+        return Ok(());
+    }
+    let volumes = config::load(config_path, params)?;
+    generate(&volumes, params, &Paths::system(PathBuf::from(normal)))
+}
+
+/// Everything the generator writes for these volumes (testable without being in an initrd).
+pub fn generate(volumes: &[Volume], params: &BootParams, paths: &Paths) -> Result<(), Error> {
+    let taken = crypttab_names(&paths.etc_crypttab);
+    let mut ours = Vec::new();
+    for v in volumes {
+        if v.desired == Desired::Decrypted {
+            log::info!("generator: {} is wanted decrypted; not opened in the initrd (run `initcrypt decrypt {}`)", v.name, v.name);
+            continue;
+        }
+        if taken.contains(&v.name) {
+            log::info!(
+                "generator: {} already has a line in {}; systemd-cryptsetup opens it from there",
+                v.name,
+                paths.etc_crypttab.display()
+            );
+        } else {
+            ours.push(v);
+        }
+        write_dropins(v, &paths.normal)?;
+    }
+    keys_timeout(params, &paths.normal)?;
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let crypttab = paths.runtime_dir.join("crypttab");
+    let text: String = ours.iter().map(|v| crypttab_line(v) + "\n").collect();
+    write_file(&crypttab, &text)?;
+    run_stock_generator(&crypttab, paths)?;
+    for v in &ours {
+        let unit = paths.normal.join(cryptsetup_unit(&v.name));
+        if !unit.exists() {
+            return Err(Error::NoUnit {
+                name: v.name.clone(),
+                crypttab,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One crypttab(5) line: the key comes from /run/cryptsetup-keys.d/<name>.key (field `none`), a
+/// wrong key fails instead of prompting (`headless=true`), the mapping outlives the switch to the
+/// real root (`x-initrd.attach`), and a data disk never blocks the boot (`nofail`).
+pub fn crypttab_line(v: &Volume) -> String {
+    let mut opts = String::from("luks,headless=true,x-initrd.attach");
+    if let Header::Detached { boot_uuid, path } = &v.header {
+        // path:device makes systemd mount the boot partition for the open only.
+        let _ = write!(opts, ",header=/{}:UUID={boot_uuid}", path.display());
+    }
+    if v.role == Role::Data {
+        opts.push_str(",nofail");
+    }
+    format!("{} {} none {opts}", v.name, v.device)
+}
+
+/// Names in an existing crypttab (first field of every non-comment line).
+fn crypttab_names(path: &Path) -> BTreeSet<String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// systemd's unit-name escaping of a volume name (config allows A–Z a–z 0–9 _ - .).
+pub fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, c) in name.chars().enumerate() {
+        match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | ':' => out.push(c),
+            '.' if i > 0 => out.push(c),
+            _ => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    let _ = write!(out, "\\x{b:02x}");
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cryptsetup_unit(name: &str) -> String {
+    format!("systemd-cryptsetup@{}.service", escape(name))
+}
+
+fn encrypt_unit(name: &str) -> String {
+    format!("initcrypt-encrypt@{}.service", escape(name))
+}
+
+/// The ordering drop-ins of one volume, and its encrypt@ instance when it is wanted encrypted.
+fn write_dropins(v: &Volume, normal: &Path) -> Result<(), Error> {
+    let mut unit = String::from(
+        "# Generated by initcrypt-generator: the key file comes from initcrypt-keys.service\n[Unit]\nRequires=initcrypt-keys.service\nAfter=initcrypt-keys.service\n",
+    );
+    let enc = encrypt_unit(&v.name);
+    // Encrypted (or resumed, or found encrypted) before the stock unit opens it.
+    let _ = writeln!(unit, "Requires={enc}\nAfter={enc}");
+    let dropin = normal
+        .join(format!("{}.d", cryptsetup_unit(&v.name)))
+        .join("50-initcrypt.conf");
+    write_file(&dropin, &unit)?;
+    let wants = normal.join("cryptsetup.target.wants");
+    fs::create_dir_all(&wants).map_err(|e| werr(&wants, e))?;
+    let link = wants.join(&enc);
+    if fs::symlink_metadata(&link).is_err() {
+        symlink(
+            Path::new(UNIT_DIR).join("initcrypt-encrypt@.service"),
+            &link,
+        )
+        .map_err(|e| werr(&link, e))?;
+    }
+    if v.role == Role::Data {
+        // A data disk that cannot be encrypted stays closed; the OS boots (nofail).
+        let d = normal.join(format!("{enc}.d")).join("50-data.conf");
+        write_file(
+            &d,
+            "# Generated by initcrypt-generator: a data volume never sends the boot to emergency\n[Unit]\nOnFailure=\n",
+        )?;
+    }
+    Ok(())
+}
+
+/// initcrypt-keys.service may wait for the key volume as long as the kernel command line says.
+fn keys_timeout(params: &BootParams, normal: &Path) -> Result<(), Error> {
+    let secs = params.keyvol_timeout.as_secs() + KEYS_TIMEOUT_MARGIN;
+    let d = normal
+        .join("initcrypt-keys.service.d")
+        .join("50-timeout.conf");
+    write_file(
+        &d,
+        &format!("# Generated by initcrypt-generator from initcrypt.keyvol_timeout=\n[Service]\nTimeoutStartSec={secs}\n"),
+    )
+}
+
+fn run_stock_generator(crypttab: &Path, paths: &Paths) -> Result<(), Error> {
+    let gen = match &paths.stock_generator {
+        Some(p) => p.clone(),
+        None => STOCK_GENERATORS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or(Error::NoStockGenerator)?,
+    };
+    // An empty SYSTEMD_PROC_CMDLINE: the real run of the stock generator already handles the
+    // command line's rd.luks.* options; a second look would emit their units twice.
+    let scratch = paths.runtime_dir.join("generator");
+    let dirs = ["normal", "early", "late"].map(|d| scratch.join(d));
+    for d in &dirs {
+        fs::create_dir_all(d).map_err(|e| werr(d, e))?;
+    }
+    let out = Command::new(&gen)
+        .args([&paths.normal, &dirs[1], &dirs[2]])
+        .env("SYSTEMD_CRYPTTAB", crypttab)
+        .env("SYSTEMD_PROC_CMDLINE", "")
+        .env("SYSTEMD_IN_INITRD", "1")
+        .output()
+        .map_err(|e| Error::StockGenerator {
+            crypttab: crypttab.to_path_buf(),
+            status: e.to_string(),
+        })?;
+    let _ = fs::remove_dir_all(&scratch);
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::StockGenerator {
+            crypttab: crypttab.to_path_buf(),
+            status: format!("{}: {}", out.status, msg.trim().replace('\n', "; ")),
+        });
+    }
+    Ok(())
+}
+
+fn werr(path: &Path, source: std::io::Error) -> Error {
+    Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write a whole small file (temporary name + rename: a half-written unit is never read).
+fn write_file(path: &Path, text: &str) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).map_err(|e| werr(dir, e))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(|e| werr(&tmp, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| werr(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| werr(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_matches_systemd_escape() {
+        assert_eq!(escape("osencrypt"), "osencrypt");
+        assert_eq!(escape("data-0-1"), "data\\x2d0\\x2d1");
+        assert_eq!(escape("a.b_c"), "a.b_c");
+        assert_eq!(escape(".x"), "\\x2ex");
+    }
+}

@@ -1,0 +1,260 @@
+//! The systemd side of the boot, checked on the host with the real tools: the generator's crypttab
+//! lines go through the real systemd-cryptsetup-generator, and every unit (ours and generated) through
+//! `systemd-analyze verify`. The QEMU scenarios dracut-* prove the same units boot.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::initcrypt;
+use initcrypt::config::{self, BootParams};
+use initcrypt::generator::{self, Paths};
+
+const VOLUMES: &str = r#"{"version": 1, "volumes": [
+  {"name": "osencrypt", "role": "os", "device": "PARTUUID=0d3c9a1e-01",
+   "header": {"boot_uuid": "5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d", "path": "luks/osluksheader"},
+   "desired": "encrypted"},
+  {"name": "data-0-1", "role": "data", "device": "/dev/disk/by-path/pci-0000:00:05.0-scsi-0:0:0:1",
+   "key_file": "LinuxPassPhraseFileName_0_1", "desired": "encrypted"},
+  {"name": "scratch", "role": "data", "device": "PARTUUID=77-02",
+   "header": {"boot_uuid": "5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d", "path": "luks/scratch.hdr"},
+   "key_file": "LinuxPassPhraseFileName_0_2", "desired": "decrypted"}
+]}"#;
+
+struct Gen {
+    _dir: tempfile::TempDir,
+    normal: PathBuf,
+    runtime: PathBuf,
+}
+
+fn generate(volumes_json: &str, cmdline: &str, etc_crypttab: &str) -> Gen {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("volumes.json");
+    fs::write(&cfg, volumes_json).unwrap();
+    let etc = dir.path().join("etc-crypttab");
+    fs::write(&etc, etc_crypttab).unwrap();
+    let params = BootParams::parse(cmdline).unwrap();
+    let volumes = config::load(&cfg, &params).unwrap();
+    let paths = Paths {
+        normal: dir.path().join("normal"),
+        runtime_dir: dir.path().join("run"),
+        etc_crypttab: etc,
+        stock_generator: None,
+    };
+    fs::create_dir_all(&paths.normal).unwrap();
+    generator::generate(&volumes, &params, &paths).unwrap();
+    Gen {
+        normal: paths.normal.clone(),
+        runtime: paths.runtime_dir.clone(),
+        _dir: dir,
+    }
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn crypttab_lines_become_stock_units_with_our_ordering() {
+    let g = generate(VOLUMES, "ro initcrypt.keyvol_timeout=100", "");
+    // The lines handed to the stock generator: key field none, no prompt, kept across switch-root.
+    assert_eq!(
+        read(&g.runtime.join("crypttab")),
+        "osencrypt PARTUUID=0d3c9a1e-01 none luks,headless=true,x-initrd.attach,header=/luks/osluksheader:UUID=5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d\n\
+         data-0-1 /dev/disk/by-path/pci-0000:00:05.0-scsi-0:0:0:1 none luks,headless=true,x-initrd.attach,nofail\n"
+    );
+    // The stock unit: it opens with the key file systemd-cryptsetup finds by name, the header on a
+    // boot partition systemd mounts for the open only.
+    let os = read(&g.normal.join("systemd-cryptsetup@osencrypt.service"));
+    assert!(
+        os.contains("'osencrypt' '/dev/disk/by-partuuid/0d3c9a1e-01' 'none'"),
+        "{os}"
+    );
+    assert!(
+        os.contains("header=/run/systemd/cryptsetup/headerdev-osencrypt/luks/osluksheader"),
+        "{os}"
+    );
+    assert!(os.contains("headless=true"), "{os}");
+    assert!(g
+        .normal
+        .join("cryptsetup.target.requires/systemd-cryptsetup@osencrypt.service")
+        .exists());
+    // nofail: the data volume is wanted, not required, by cryptsetup.target.
+    let data_unit = "systemd-cryptsetup@data\\x2d0\\x2d1.service";
+    assert!(g.normal.join(data_unit).exists());
+    assert!(!g
+        .normal
+        .join("cryptsetup.target.requires")
+        .join(data_unit)
+        .exists());
+    // Our ordering on top of the stock units.
+    let dropin = read(
+        &g.normal
+            .join("systemd-cryptsetup@osencrypt.service.d/50-initcrypt.conf"),
+    );
+    for want in [
+        "Requires=initcrypt-keys.service",
+        "After=initcrypt-keys.service",
+        "Requires=initcrypt-encrypt@osencrypt.service",
+        "After=initcrypt-encrypt@osencrypt.service",
+    ] {
+        assert!(
+            dropin.lines().any(|l| l == want),
+            "{want} missing: {dropin}"
+        );
+    }
+    // (a link to the template, which exists in the initrd, not necessarily on this host)
+    let want = g
+        .normal
+        .join("cryptsetup.target.wants/initcrypt-encrypt@osencrypt.service");
+    assert!(
+        fs::symlink_metadata(&want).is_ok(),
+        "{} missing",
+        want.display()
+    );
+    // A data volume's failed pass never sends the boot to emergency.
+    let data_dropin = read(
+        &g.normal
+            .join("initcrypt-encrypt@data\\x2d0\\x2d1.service.d/50-data.conf"),
+    );
+    assert!(
+        data_dropin.lines().any(|l| l == "OnFailure="),
+        "{data_dropin}"
+    );
+    assert!(!g
+        .normal
+        .join("initcrypt-encrypt@osencrypt.service.d")
+        .exists());
+    // The unit may wait as long as the command line lets the binary wait, plus a margin.
+    let t = read(&g.normal.join("initcrypt-keys.service.d/50-timeout.conf"));
+    assert!(t.contains("TimeoutStartSec=130"), "{t}");
+    // A volume wanted decrypted is not opened in the initrd at all.
+    assert!(!g.normal.join("systemd-cryptsetup@scratch.service").exists());
+    assert!(!read(&g.runtime.join("crypttab")).contains("scratch"));
+}
+
+#[test]
+fn ade_command_line_alone_opens_osencrypt() {
+    let g = generate(
+        r#"{"version": 1, "volumes": []}"#,
+        "root=/dev/mapper/osencrypt rd.luks.ade.partuuid=AB-02 rd.luks.ade.bootuuid=0F0E-AA",
+        "",
+    );
+    let os = read(&g.normal.join("systemd-cryptsetup@osencrypt.service"));
+    assert!(os.contains("'/dev/disk/by-partuuid/ab-02' 'none'"), "{os}");
+    assert!(os.contains("headerdev-osencrypt/luks/osluksheader"), "{os}");
+    let mount = read(
+        &g.normal
+            .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount"),
+    );
+    assert!(mount.contains("What=/dev/disk/by-uuid/0f0e-aa"), "{mount}");
+}
+
+#[test]
+fn an_existing_crypttab_line_wins() {
+    let g = generate(
+        VOLUMES,
+        "",
+        "# operator's own\nosencrypt PARTUUID=0d3c9a1e-01 none luks,header=/boot/h\n",
+    );
+    // The stock run over /etc/crypttab makes that unit; ours must not make a second one.
+    assert!(!g
+        .normal
+        .join("systemd-cryptsetup@osencrypt.service")
+        .exists());
+    assert!(!read(&g.runtime.join("crypttab")).contains("osencrypt"));
+    // The key and the pass still come first.
+    assert!(g
+        .normal
+        .join("systemd-cryptsetup@osencrypt.service.d/50-initcrypt.conf")
+        .exists());
+}
+
+#[test]
+fn detached_header_volume_named_by_filesystem_uuid_is_refused() {
+    let text = VOLUMES.replace("PARTUUID=0d3c9a1e-01", "UUID=1234-abcd");
+    let err = config::parse(&text, Path::new("volumes.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("volumes[0].device") && err.contains("PARTUUID="),
+        "{err}"
+    );
+}
+
+#[test]
+fn generator_cli_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    // systemd passes exactly three directories.
+    let out = initcrypt().args(["generator", "a"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Outside the initrd it writes nothing: the real root's own crypttab handles what is left.
+    let d = dir.path().join("n");
+    let out = initcrypt()
+        .env("SYSTEMD_IN_INITRD", "0")
+        .args(["generator", d.to_str().unwrap(), "e", "l"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!d.exists());
+    // Under its generator name the binary runs the generator (argv[0] dispatch).
+    let link = dir.path().join("initcrypt-generator");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_initcrypt"), &link).unwrap();
+    let out = Command::new(&link)
+        .env("SYSTEMD_IN_INITRD", "0")
+        .args([d.to_str().unwrap(), "e", "l"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(&link).arg("x").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// `systemd-analyze verify` over our units and the generated ones. It exits 0 on most problems and
+/// only prints them, so any line it prints fails the test, except the one about our binary not
+/// being installed on the build host.
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    let g = generate(VOLUMES, "", "");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut units = Vec::new();
+    for entry in fs::read_dir(repo.join("systemd-units")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        // A template is verified through an instance.
+        let name = name.replace("@.service", "@osencrypt.service");
+        fs::copy(&p, dir.path().join(&name)).unwrap();
+        units.push(dir.path().join(name));
+    }
+    assert_eq!(
+        units.len(),
+        3,
+        "systemd-units/ holds keys, keys-cleanup and encrypt@"
+    );
+    for name in [
+        "systemd-cryptsetup@osencrypt.service",
+        "run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount",
+    ] {
+        fs::copy(g.normal.join(name), dir.path().join(name)).unwrap();
+        units.push(dir.path().join(name));
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(&units)
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .expect("systemd-analyze (package systemd) is installed by scripts/setup");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("Command /usr/sbin/initcrypt is not executable"))
+        .filter(|l| !l.contains("/lib/systemd/systemd-cryptsetup is not executable"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(bad.is_empty(), "systemd-analyze verify: {bad:#?}");
+}
