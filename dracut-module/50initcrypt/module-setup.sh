@@ -49,6 +49,10 @@ install() {
     root=$(initcrypt_root)
     # The binary is static: inst_simple copies it alone, with no library to chase.
     inst_simple "$root/usr/sbin/initcrypt" /usr/sbin/initcrypt || exit 1
+    # The folders of the two names below (ln_r does not create them).
+    inst_dir "$systemdutildir/system-generators" || exit 1
+    # (one per call: inst_dir returns early when its first argument exists)
+    inst_dir /usr/lib/initcrypt || exit 1
     # systemd runs generators by name from this directory; the binary dispatches on argv[0].
     ln_r /usr/sbin/initcrypt "$systemdutildir/system-generators/initcrypt-generator" || exit 1
     # crypttab lines that prefer keyscript= use the same binary under this name.
