@@ -6,7 +6,10 @@
 //! - crypttab lines (key field `none`, `headless=true`, `x-initrd.attach`, `nofail` on data) that the
 //!   **stock** `systemd-cryptsetup-generator` turns into the stock `systemd-cryptsetup@<name>` units,
 //!   so systemd-cryptsetup, not initcrypt, opens every mapping and finds its key in
-//!   `/run/cryptsetup-keys.d/<name>.key`;
+//!   `/run/cryptsetup-keys.d/<name>.key`. Those units go to the *early* directory, which outranks
+//!   the normal one: a line for the same name in the image's /etc/crypttab (dracut copies the
+//!   host's; ADE's reads the key from /mnt/azure_bek_disk and the header from /boot, neither of
+//!   which exists in the initrd) is shadowed for volumes initcrypt manages;
 //! - per volume, a drop-in ordering that unit after `initcrypt-keys.service` and, when the volume is
 //!   wanted encrypted, after (and requiring) `initcrypt-encrypt@<name>.service`.
 //!
@@ -73,11 +76,13 @@ impl Classify for Error {
 /// Where the generator reads and writes; `Paths::system()` at boot, temporary folders in tests.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// The generator's "normal" output directory (the other two are unused).
+    /// The generator's "normal" output directory: our drop-ins and wants.
     pub normal: PathBuf,
+    /// The "early" one: the stock units made from our crypttab, so they outrank /etc/crypttab's.
+    pub early: PathBuf,
     /// Our crypttab for the stock generator.
     pub runtime_dir: PathBuf,
-    /// The system's crypttab (names already there are left to it).
+    /// The system's crypttab (only read, to say which of its lines ours replace).
     pub etc_crypttab: PathBuf,
     /// The stock generator to run, or None to search the usual places.
     pub stock_generator: Option<PathBuf>,
@@ -85,11 +90,12 @@ pub struct Paths {
 
 impl Paths {
     /// SYSTEMD_CRYPTTAB is systemd's own override of /etc/crypttab; it is honoured the same way.
-    pub fn system(normal: PathBuf) -> Paths {
+    pub fn system(normal: PathBuf, early: PathBuf) -> Paths {
         let etc = std::env::var_os("SYSTEMD_CRYPTTAB")
             .map_or_else(|| PathBuf::from("/etc/crypttab"), PathBuf::from);
         Paths {
             normal,
+            early,
             runtime_dir: PathBuf::from(RUNTIME_DIR),
             etc_crypttab: etc,
             stock_generator: None,
@@ -108,7 +114,7 @@ pub fn in_initrd() -> bool {
 
 /// The generator entry point: `initcrypt-generator <normal> <early> <late>`.
 pub fn run(config_path: &Path, params: &BootParams, dirs: &[String]) -> Result<(), Error> {
-    let [normal, _early, _late] = dirs else {
+    let [normal, early, _late] = dirs else {
         return Err(Error::Usage(dirs.len()));
     };
     if !in_initrd() {
@@ -120,7 +126,11 @@ pub fn run(config_path: &Path, params: &BootParams, dirs: &[String]) -> Result<(
         return Ok(());
     }
     let volumes = config::load(config_path, params)?;
-    generate(&volumes, params, &Paths::system(PathBuf::from(normal)))
+    generate(
+        &volumes,
+        params,
+        &Paths::system(PathBuf::from(normal), PathBuf::from(early)),
+    )
 }
 
 /// Everything the generator writes for these volumes (testable without being in an initrd).
@@ -134,13 +144,12 @@ pub fn generate(volumes: &[Volume], params: &BootParams, paths: &Paths) -> Resul
         }
         if taken.contains(&v.name) {
             log::info!(
-                "generator: {} already has a line in {}; systemd-cryptsetup opens it from there",
+                "generator: {} has a line in {}; initcrypt's line replaces it in the initrd (key from the key volume, header from the boot partition)",
                 v.name,
                 paths.etc_crypttab.display()
             );
-        } else {
-            ours.push(v);
         }
+        ours.push(v);
         write_dropins(v, &paths.normal)?;
     }
     keys_timeout(params, &paths.normal)?;
@@ -152,7 +161,7 @@ pub fn generate(volumes: &[Volume], params: &BootParams, paths: &Paths) -> Resul
     write_file(&crypttab, &text)?;
     run_stock_generator(&crypttab, paths)?;
     for v in &ours {
-        let unit = paths.normal.join(cryptsetup_unit(&v.name));
+        let unit = paths.early.join(cryptsetup_unit(&v.name));
         if !unit.exists() {
             return Err(Error::NoUnit {
                 name: v.name.clone(),
@@ -271,12 +280,14 @@ fn run_stock_generator(crypttab: &Path, paths: &Paths) -> Result<(), Error> {
     // An empty SYSTEMD_PROC_CMDLINE: the real run of the stock generator already handles the
     // command line's rd.luks.* options; a second look would emit their units twice.
     let scratch = paths.runtime_dir.join("generator");
-    let dirs = ["normal", "early", "late"].map(|d| scratch.join(d));
-    for d in &dirs {
+    let dirs = ["early", "late"].map(|d| scratch.join(d));
+    for d in dirs.iter().chain([&paths.early]) {
         fs::create_dir_all(d).map_err(|e| werr(d, e))?;
     }
+    // Its "normal" output is our early directory (see the module doc); its own early and late
+    // outputs are unused by crypttab lines and go to a scratch folder.
     let out = Command::new(&gen)
-        .args([&paths.normal, &dirs[1], &dirs[2]])
+        .args([&paths.early, &dirs[0], &dirs[1]])
         .env("SYSTEMD_CRYPTTAB", crypttab)
         .env("SYSTEMD_PROC_CMDLINE", "")
         .env("SYSTEMD_IN_INITRD", "1")

@@ -26,6 +26,7 @@ const VOLUMES: &str = r#"{"version": 1, "volumes": [
 struct Gen {
     _dir: tempfile::TempDir,
     normal: PathBuf,
+    early: PathBuf,
     runtime: PathBuf,
 }
 
@@ -39,6 +40,7 @@ fn generate(volumes_json: &str, cmdline: &str, etc_crypttab: &str) -> Gen {
     let volumes = config::load(&cfg, &params).unwrap();
     let paths = Paths {
         normal: dir.path().join("normal"),
+        early: dir.path().join("early"),
         runtime_dir: dir.path().join("run"),
         etc_crypttab: etc,
         stock_generator: None,
@@ -47,6 +49,7 @@ fn generate(volumes_json: &str, cmdline: &str, etc_crypttab: &str) -> Gen {
     generator::generate(&volumes, &params, &paths).unwrap();
     Gen {
         normal: paths.normal.clone(),
+        early: paths.early.clone(),
         runtime: paths.runtime_dir.clone(),
         _dir: dir,
     }
@@ -67,7 +70,7 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     );
     // The stock unit: it opens with the key file systemd-cryptsetup finds by name, the header on a
     // boot partition systemd mounts for the open only.
-    let os = read(&g.normal.join("systemd-cryptsetup@osencrypt.service"));
+    let os = read(&g.early.join("systemd-cryptsetup@osencrypt.service"));
     assert!(
         os.contains("'osencrypt' '/dev/disk/by-partuuid/0d3c9a1e-01' 'none'"),
         "{os}"
@@ -78,14 +81,14 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     );
     assert!(os.contains("headless=true"), "{os}");
     assert!(g
-        .normal
+        .early
         .join("cryptsetup.target.requires/systemd-cryptsetup@osencrypt.service")
         .exists());
     // nofail: the data volume is wanted, not required, by cryptsetup.target.
     let data_unit = "systemd-cryptsetup@data\\x2d0\\x2d1.service";
-    assert!(g.normal.join(data_unit).exists());
+    assert!(g.early.join(data_unit).exists());
     assert!(!g
-        .normal
+        .early
         .join("cryptsetup.target.requires")
         .join(data_unit)
         .exists());
@@ -131,7 +134,7 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     let t = read(&g.normal.join("initcrypt-keys.service.d/50-timeout.conf"));
     assert!(t.contains("TimeoutStartSec=130"), "{t}");
     // A volume wanted decrypted is not opened in the initrd at all.
-    assert!(!g.normal.join("systemd-cryptsetup@scratch.service").exists());
+    assert!(!g.early.join("systemd-cryptsetup@scratch.service").exists());
     assert!(!read(&g.runtime.join("crypttab")).contains("scratch"));
 }
 
@@ -142,30 +145,32 @@ fn ade_command_line_alone_opens_osencrypt() {
         "root=/dev/mapper/osencrypt rd.luks.ade.partuuid=AB-02 rd.luks.ade.bootuuid=0F0E-AA",
         "",
     );
-    let os = read(&g.normal.join("systemd-cryptsetup@osencrypt.service"));
+    let os = read(&g.early.join("systemd-cryptsetup@osencrypt.service"));
     assert!(os.contains("'/dev/disk/by-partuuid/ab-02' 'none'"), "{os}");
     assert!(os.contains("headerdev-osencrypt/luks/osluksheader"), "{os}");
     let mount = read(
-        &g.normal
+        &g.early
             .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount"),
     );
     assert!(mount.contains("What=/dev/disk/by-uuid/0f0e-aa"), "{mount}");
 }
 
 #[test]
-fn an_existing_crypttab_line_wins() {
+fn a_crypttab_line_for_a_managed_volume_is_shadowed() {
+    // ADE's own line: key on a mount and header on /boot, neither of which exists in the initrd.
     let g = generate(
         VOLUMES,
         "",
-        "# operator's own\nosencrypt PARTUUID=0d3c9a1e-01 none luks,header=/boot/h\n",
+        "osencrypt /dev/disk/by-partuuid/0d3c9a1e-01 /mnt/azure_bek_disk/LinuxPassPhraseFileName luks,discard,header=/boot/luks/osluksheader\n",
     );
-    // The stock run over /etc/crypttab makes that unit; ours must not make a second one.
-    assert!(!g
-        .normal
-        .join("systemd-cryptsetup@osencrypt.service")
-        .exists());
-    assert!(!read(&g.runtime.join("crypttab")).contains("osencrypt"));
-    // The key and the pass still come first.
+    // Ours is made in the early directory, which outranks the unit the stock run over
+    // /etc/crypttab writes to the normal one.
+    let os = read(&g.early.join("systemd-cryptsetup@osencrypt.service"));
+    assert!(
+        os.contains("'none'") && !os.contains("azure_bek_disk"),
+        "{os}"
+    );
+    assert!(read(&g.runtime.join("crypttab")).starts_with("osencrypt PARTUUID=0d3c9a1e-01 none "));
     assert!(g
         .normal
         .join("systemd-cryptsetup@osencrypt.service.d/50-initcrypt.conf")
@@ -238,7 +243,7 @@ fn units_pass_systemd_analyze_verify() {
         "systemd-cryptsetup@osencrypt.service",
         "run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount",
     ] {
-        fs::copy(g.normal.join(name), dir.path().join(name)).unwrap();
+        fs::copy(g.early.join(name), dir.path().join(name)).unwrap();
         units.push(dir.path().join(name));
     }
     let out = Command::new("systemd-analyze")
