@@ -12,6 +12,8 @@ Each builder takes (image path, params, context) and returns its facts (strings)
   plain-os   GPT: boot (ext4, empty luks/ or nothing) + root (plaintext ext4 or xfs) for the in-place pass
                                                            facts: root_partuuid boot_partuuid boot_uuid root_fs_uuid fs
                                                                   header_path file_sha256 marker_path + the OS_FACTS below
+  bootable = true (ade-os, plain-os): the root also holds busybox, /etc/os-release and a /sbin/init that prints
+             the ROOT_* facts, for real dracut/mkinitramfs images that switch into it
   OS_FACTS (ade-os, plain-os): root_sha256 (plaintext root partition before anything), marker_string (a distinctive
              string inside the marker file), boot_offset boot_size root_offset root_size (bytes), key_name
   luks-data  attached LUKS2 header, ext4 inside (reencrypt --encrypt --reduce-device-size) or no filesystem
@@ -182,9 +184,10 @@ def build_bek(image: Path, p: Params, ctx: BuildContext) -> dict:
             "volume_id": f"{volume_id[:4]}-{volume_id[4:]}"}
 
 
-def os_tree(folder: Path, random_size: int) -> dict:
+def os_tree(folder: Path, random_size: int, bootable: bool = False) -> dict:
     """Root filesystem content of the OS builders: /etc/marker (a distinctive string + random hex) and
-    /var/lib/initcrypt-test/random.bin (random_size random bytes, so the partition is not mostly zeros)."""
+    /var/lib/initcrypt-test/random.bin (random_size random bytes, so the partition is not mostly zeros).
+    bootable: also a busybox root that a real initramfs can switch into (see ROOT_INIT)."""
     marker_string = f"initcrypt-marker-{secrets.token_hex(16)}"
     data = (marker_string + "\n" + secrets.token_hex(2048) + "\n").encode()
     marker = folder / "etc" / "marker"
@@ -199,8 +202,57 @@ def os_tree(folder: Path, random_size: int) -> dict:
                 n = min(left, MiB)
                 f.write(secrets.token_bytes(n))
                 left -= n
+    if bootable:
+        bootable_tree(folder)
     return {"marker_path": "/etc/marker", "file_sha256": hashlib.sha256(data).hexdigest(),
             "marker_string": marker_string}
+
+
+BUSYBOX = Path("/bin/busybox")  # busybox-static: the root needs no library
+OS_RELEASE = "NAME=initcrypt-harness-root\nID=initcrypt-harness\n"  # systemd switches only into a root with it
+# /sbin/init of a bootable root (busybox sh, as PID 1 after the initramfs's switch-root): the @@facts a real-initramfs
+# scenario asserts, then power off. Every command is `$bb applet`: the root has no applet links (and Debian's
+# busybox-static has no `mountpoint`).
+ROOT_INIT = r"""#!/bin/sh
+# /sbin/init of the qemu-harness bootable root: facts about how the initramfs left the system, then power off.
+exec </dev/console >/dev/console 2>&1
+bb=/bin/busybox
+export PATH=/bin:/sbin
+[ -r /proc/self/mountinfo ] || $bb mount -t proc proc /proc
+[ -d /sys/class ] || $bb mount -t sysfs sysfs /sys
+echo "@@ROOT_INIT=1"
+echo "@@ROOT_SOURCE=$($bb awk '$2 == "/" { s = $1 } END { print s }' /proc/mounts)"
+# mountinfo: field 3 = major:minor of the mounted device, 5 = mount point, 6 = per-mount options (ro|rw,...)
+majmin=$($bb awk '$5 == "/" { d = $3 } END { print d }' /proc/self/mountinfo)
+opts=$($bb awk '$5 == "/" { o = $6 } END { print o }' /proc/self/mountinfo)
+dm=""
+[ -r "/sys/dev/block/$majmin/dm/name" ] && dm=$($bb cat "/sys/dev/block/$majmin/dm/name")
+echo "@@ROOT_DM_NAME=$dm"
+echo "@@MARKER_SHA256=$($bb sha256sum /etc/marker | $bb cut -d ' ' -f 1)"
+keys=0
+[ -d /run/cryptsetup-keys.d ] && keys=$($bb ls -A /run/cryptsetup-keys.d | $bb wc -l)
+echo "@@KEY_FILES_LEFT=$keys"
+echo "@@RUN_INITCRYPT_MOUNTS=$($bb awk '$2 ~ /^\/run\/initcrypt(\/|$)/' /proc/mounts | $bb wc -l)"
+case ",$opts," in *,ro,*) echo "@@ROOT_RO=1" ;; *) echo "@@ROOT_RO=0" ;; esac
+echo "@@HARNESS_DONE=1"
+$bb sync
+$bb poweroff -f
+"""
+
+
+def bootable_tree(folder: Path) -> None:
+    """/bin/busybox (+ /bin/sh), /etc/os-release, /sbin/init printing the ROOT_* facts, empty mount points."""
+    for d in ("bin", "sbin", "etc", "dev", "proc", "sys", "run", "tmp", "mnt"):
+        (folder / d).mkdir(parents=True, exist_ok=True)
+    if not BUSYBOX.is_file():
+        raise HarnessError(f"bootable root: {BUSYBOX} missing (install busybox-static)")
+    shutil.copyfile(BUSYBOX, folder / "bin" / "busybox")
+    (folder / "bin" / "busybox").chmod(0o755)
+    (folder / "bin" / "sh").symlink_to("busybox")
+    (folder / "etc" / "os-release").write_text(OS_RELEASE)
+    init = folder / "sbin" / "init"
+    init.write_text(ROOT_INIT)
+    init.chmod(0o755)
 
 
 def count_in_file(path: Path, needle: bytes, offset: int = 0, length: int | None = None) -> int:
@@ -230,12 +282,15 @@ def xfs_protofile(tree: Path, proto: Path) -> None:
             if any(c in e.name for c in " :$\t\n"):
                 raise HarnessError(f"xfs protofile: unsupported name {e}")
             pad = "  " * depth
-            if e.is_dir():
+            if e.is_symlink():
+                lines.append(f"{pad}{e.name} l--777 0 0 {os.readlink(e)}")
+            elif e.is_dir():
                 lines.append(f"{pad}{e.name} d--755 0 0")
                 walk(e, depth + 1)
                 lines.append(f"{pad}$")
             else:
-                lines.append(f"{pad}{e.name} ---644 0 0 {e.resolve()}")
+                mode = "755" if e.stat().st_mode & 0o100 else "644"
+                lines.append(f"{pad}{e.name} ---{mode} 0 0 {e.resolve()}")
     walk(tree, 1)
     lines.append("$")
     proto.write_text("\n".join(lines) + "\n")
@@ -323,6 +378,7 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
     key = p.get("key", "default")
     mode = p.get("reencrypt", "full")
     random_size = parse_size(p.get("random_size", "1M"))
+    bootable = bool(p.get("bootable", False))
     p.done()
     if luks not in ("luks1", "luks2"):
         raise HarnessError(f"ade-os: luks must be luks1 or luks2, not {luks!r}")
@@ -335,7 +391,7 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
 
     w = ctx.workdir
     root_tree, boot_tree = w / "root-tree", w / "boot-tree"
-    tree_facts = os_tree(root_tree, random_size)
+    tree_facts = os_tree(root_tree, random_size, bootable)
     root_img, boot_img = w / "root.img", w / "boot.img"
     root_fs_uuid, boot_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     mkfs_ext4(root_img, root_size, root_tree, root_fs_uuid, label="root")
@@ -383,6 +439,7 @@ def build_plain_os(image: Path, p: Params, ctx: BuildContext) -> dict:
     root_size = parse_size(p.get("root_size", "256M"))
     random_size = parse_size(p.get("random_size", "8M"))
     luks_dir = bool(p.get("luks_dir", True))
+    bootable = bool(p.get("bootable", False))
     header_path = p.get("header_path", "luks/osluksheader")
     key = p.get("key", "default")
     p.done()
@@ -395,7 +452,7 @@ def build_plain_os(image: Path, p: Params, ctx: BuildContext) -> dict:
 
     w = ctx.workdir
     root_tree, boot_tree = w / "root-tree", w / "boot-tree"
-    tree_facts = os_tree(root_tree, random_size)
+    tree_facts = os_tree(root_tree, random_size, bootable)
     root_img, boot_img = w / "root.img", w / "boot.img"
     root_fs_uuid, boot_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     if fs == "ext4":
