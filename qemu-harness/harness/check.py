@@ -45,13 +45,24 @@ def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, s
     """Every failed expectation as one line; empty list = PASS."""
     where = str(scn.path)
     failures = []
+    if scn.real_initramfs:  # systemd colours unit names: "Finished \x1b[0;1;39mfoo.service\x1b[0m."
+        transcript = ANSI_RE.sub("", transcript)
     if vm.timed_out:
         failures.append(f"timeout: QEMU still running after {scn.timeout:.0f} s (killed)")
     elif vm.returncode != 0:
         failures.append(f"QEMU exited with rc {vm.returncode} (its own messages are in serial.log)")
     failures += vm.hotplug_errors
-    if guest_facts.get("HARNESS_DONE") != "1":
-        failures.append("guest did not reach the end of /init (no @@HARNESS_DONE=1)")
+    if not scn.real_initramfs:
+        if guest_facts.get("HARNESS_DONE") != "1":
+            failures.append("guest did not reach the end of /init (no @@HARNESS_DONE=1)")
+    elif scn.expect_root_init:
+        if guest_facts.get("ROOT_INIT") != "1":
+            failures.append(f"the root filesystem's /sbin/init never ran (no @@ROOT_INIT=1): the {scn.initramfs} "
+                            "initramfs did not switch into the root")
+        elif guest_facts.get("HARNESS_DONE") != "1":
+            failures.append("the root filesystem's /sbin/init did not reach its end (no @@HARNESS_DONE=1)")
+    elif "ROOT_INIT" in guest_facts:
+        failures.append("the root filesystem's /sbin/init ran (@@ROOT_INIT present) but expect_root_init = false")
 
     pos = 0
     for want in scn.expect_in_order:

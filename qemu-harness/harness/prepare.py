@@ -22,6 +22,9 @@ from .util import HARNESS_DIR, HarnessError, log, run
 PACKAGES = [
     "qemu-system-x86", "busybox-static", "cryptsetup-bin", "dosfstools", "mtools", "e2fsprogs",
     "xfsprogs", "fdisk", "kmod", "cpio", "initramfs-tools-core",
+    # real initramfs scenarios: dracut-core coexists with initramfs-tools-core; dracut's systemd, crypt and dm
+    # modules copy the host's systemd, systemd-cryptsetup and dmsetup (only recommended by dracut-core)
+    "dracut-core", "systemd", "udev", "dmsetup", "zstd", "binutils",
 ]
 
 # Loaded by the guest /init in this order. Never vfat, fat or nls_*: initcrypt reads FAT itself.
@@ -43,6 +46,7 @@ class Prepared:
     kver: str
     vmlinuz: Path
     base_cpio: Path
+    kpkg: Path  # dpkg -x of the kernel package: lib/modules/<kver>, boot/config-<kver> (real initramfs builders)
 
 
 def cache_dir() -> Path:
@@ -222,4 +226,4 @@ def prepare() -> Prepared:
     base = ensure_base(kver, kdir)
     log(f"prepare: kernel {kver}, base {base.name} ({base.stat().st_size // 1024} KiB), "
         f"{time.monotonic() - t0:.1f} s")
-    return Prepared(kver=kver, vmlinuz=kdir / "vmlinuz", base_cpio=base)
+    return Prepared(kver=kver, vmlinuz=kdir / "vmlinuz", base_cpio=base, kpkg=kdir / "kpkg")

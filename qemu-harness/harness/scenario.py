@@ -14,7 +14,9 @@ SCENARIO_DIR = HARNESS_DIR / "scenarios"
 
 TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
             "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk",
-            "power_cut", "expect_lines"}
+            "power_cut", "expect_lines", "initramfs", "expect_root_init"}
+INITRAMFS_KINDS = ("harness", "dracut", "mkinitramfs")
+REAL_INITRAMFS_FILES = {"/etc/initcrypt/volumes.json"}  # what a staged install can carry into a real image
 DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
                     "logical_block_size"}
 DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size"}
@@ -71,6 +73,17 @@ class Scenario:
     path: Path
     power_cut: PowerCut | None = None
     expect_lines: list = field(default_factory=list)  # [(with: re.Pattern, re: re.Pattern, min: int)]
+    initramfs: str = "harness"    # harness: base cpio + overlay + guest_script; dracut | mkinitramfs: a real image
+    expect_root_init: bool = True  # real images: the root's /sbin/init must run (false: it must not)
+
+    @property
+    def real_initramfs(self) -> bool:
+        return self.initramfs != "harness"
+
+    @property
+    def expects_done(self) -> bool:
+        """Whether the guest must print @@HARNESS_DONE=1 (the harness /init, or the bootable root's init)."""
+        return not self.real_initramfs or self.expect_root_init
 
 
 def _fail(path, msg):
@@ -88,8 +101,22 @@ def load(name: str) -> Scenario:
     unknown = set(data) - TOP_KEYS
     if unknown:
         _fail(path, f"unknown key(s) {sorted(unknown)}")
-    if "description" not in data or "guest_script" not in data:
+    kind = data.get("initramfs", "harness")
+    if kind not in INITRAMFS_KINDS:
+        _fail(path, f"initramfs must be one of {', '.join(INITRAMFS_KINDS)}, not {kind!r}")
+    if "description" not in data or (kind == "harness" and "guest_script" not in data):
         _fail(path, "description and guest_script are required (in TOML, top-level keys go before the first [table])")
+    if kind != "harness":
+        for key in ("guest_script", "guest_tools"):
+            if key in data:
+                _fail(path, f"{key} has no effect with initramfs = {kind!r} (the root filesystem's /sbin/init "
+                            "prints the facts): remove it")
+        extra = set(data.get("files", {})) - REAL_INITRAMFS_FILES
+        if extra:
+            _fail(path, f"files {sorted(extra)}: with initramfs = {kind!r} only {sorted(REAL_INITRAMFS_FILES)} "
+                        "goes into the image (through the staged install)")
+    elif "expect_root_init" in data:
+        _fail(path, "expect_root_init needs initramfs = \"dracut\" or \"mkinitramfs\"")
 
     disks = []
     for d in data.get("disk", []):
@@ -148,11 +175,12 @@ def load(name: str) -> Scenario:
         name=name, description=data["description"], default=bool(data.get("default", False)),
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files=data.get("files", {}),
-        guest_script=data["guest_script"], guest_tools=data.get("guest_tools", []),
+        guest_script=data.get("guest_script", ""), guest_tools=data.get("guest_tools", []),
         expect_in_order=data.get("expect_in_order", []), expect_present=data.get("expect_present", []),
         expect_absent=data.get("expect_absent", []),
         expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
-        expect_disk=expect_disk, path=path, power_cut=power_cut, expect_lines=expect_lines)
+        expect_disk=expect_disk, path=path, power_cut=power_cut, expect_lines=expect_lines,
+        initramfs=kind, expect_root_init=bool(data.get("expect_root_init", True)))
 
 
 def all_names() -> list[str]:
