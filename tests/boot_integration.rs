@@ -117,6 +117,21 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
         "{} missing",
         want.display()
     );
+    // The header's boot partition is mounted only after our units: never on the way to emergency,
+    // never while the pass holds its own mount.
+    let hdr = read(
+        &g.normal
+            .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount.d/50-initcrypt.conf"),
+    );
+    assert!(
+        hdr.lines()
+            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"),
+        "{hdr}"
+    );
+    assert!(g
+        .early
+        .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount")
+        .exists());
     // A data volume's failed pass never sends the boot to emergency.
     let data_dropin = read(
         &g.normal

@@ -32,7 +32,9 @@ impl TempMount {
         if read_only {
             flags |= MountFlags::RDONLY;
         }
-        let mut last = String::from("no filesystem type tried");
+        // Every type's reason: the one that matters (EBUSY from ext4: mounted elsewhere with the
+        // other read-only flag) must not hide behind the last type's ENODEV.
+        let mut reasons = Vec::new();
         for fstype in BOOT_FSTYPES {
             match rustix::mount::mount(&node, target, *fstype, flags, None) {
                 Ok(()) => {
@@ -49,12 +51,13 @@ impl TempMount {
                         device: dev.name.clone(),
                     });
                 }
-                Err(e) => last = format!("{fstype}: {e}"),
+                Err(e) => reasons.push(format!("{fstype}: {e}")),
             }
         }
         let _ = fs::remove_dir(target);
         Err(err(format!(
-            "not an ext2/3/4, xfs or btrfs filesystem the kernel can mount ({last})"
+            "not an ext2/3/4, xfs or btrfs filesystem the kernel can mount here ({})",
+            reasons.join("; ")
         )))
     }
 
