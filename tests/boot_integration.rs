@@ -125,7 +125,10 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     );
     assert!(
         hdr.lines()
-            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"),
+            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service")
+            && hdr.lines().any(
+                |l| l == "Requires=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"
+            ),
         "{hdr}"
     );
     assert!(g
