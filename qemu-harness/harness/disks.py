@@ -228,6 +228,10 @@ opts=$($bb awk '$5 == "/" { o = $6 } END { print o }' /proc/self/mountinfo)
 dm=""
 [ -r "/sys/dev/block/$majmin/dm/name" ] && dm=$($bb cat "/sys/dev/block/$majmin/dm/name")
 echo "@@ROOT_DM_NAME=$dm"
+# every open mapping, sorted: the ones the initramfs opened with x-initrd.attach survive the switch
+names=""
+for n in /sys/block/dm-*/dm/name; do [ -r "$n" ] && names="$names $($bb cat "$n")"; done
+echo "@@DM_NAMES=$(echo $names | $bb tr ' ' '\n' | $bb sort | $bb tr '\n' ' ' | $bb sed 's/ $//')"
 echo "@@MARKER_SHA256=$($bb sha256sum /etc/marker | $bb cut -d ' ' -f 1)"
 keys=0
 [ -d /run/cryptsetup-keys.d ] && keys=$($bb ls -A /run/cryptsetup-keys.d | $bb wc -l)
