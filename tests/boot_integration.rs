@@ -235,6 +235,28 @@ fn generator_cli_contract() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
+/// crypttab's keyscript= takes a path and no arguments: /usr/lib/initcrypt/initcrypt-keyscript is a
+/// link to the binary, which then acts as `initcrypt keyscript`.
+#[test]
+fn keyscript_name_dispatches_to_keyscript() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("initcrypt-keyscript");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_initcrypt"), &link).unwrap();
+    let out = Command::new(&link)
+        .env_remove("CRYPTTAB_NAME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CRYPTTAB_NAME"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing but a key ever goes to stdout"
+    );
+}
+
 /// `systemd-analyze verify` over our units and the generated ones. It exits 0 on most problems and
 /// only prints them, so any line it prints fails the test, except the one about our binary not
 /// being installed on the build host.
