@@ -429,7 +429,6 @@ pub fn pass_one(
             what: format!("open as /dev/mapper/{}", v.name),
         });
     }
-    let keys = keyvol::find(params.keyvol_timeout)?;
     let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
     let obs = observe(v, &loc)?;
     drop(loc);
@@ -453,6 +452,9 @@ pub fn pass_one(
         );
         return Ok(());
     }
+    // Only a pass needs the key: a volume already in the wanted state (every boot of
+    // initcrypt-encrypt@ after the first) costs no key-volume scan.
+    let keys = keyvol::find(params.keyvol_timeout)?;
     if let Observed::Encrypted(i) = &obs {
         if i.reencrypt_pending && direction == Direction::Encrypt {
             return resume_luks2(v, &keys, params.keyvol_timeout);
