@@ -436,10 +436,13 @@ pub fn pass_one(
         Observed::Unfinished { done, total, .. } => Some((done, total)),
         _ => None,
     };
+    // An unfinished LUKS2 reencryption (ADE's online flow) is encrypted only in part: finish it.
     let nothing_to_do = matches!(
         (&obs, direction),
-        (Observed::Encrypted(_), Direction::Encrypt)
-            | (Observed::Plaintext { .. }, Direction::Decrypt)
+        (Observed::Encrypted(i), Direction::Encrypt) if !i.reencrypt_pending
+    ) || matches!(
+        (&obs, direction),
+        (Observed::Plaintext { .. }, Direction::Decrypt)
     );
     if nothing_to_do {
         log::info!(
