@@ -63,5 +63,24 @@ dpkg-deb -f "$deb" Package Version Architecture | tr '\n' ' ' | grep -q '^Packag
 dpkg-deb -x "$deb" "$tmp/p" && cmp -s "$bin" "$tmp/p/usr/sbin/initcrypt" && ok "packaged binary is the built one" ||
 	bad "packaged binary differs"
 
+# 5. Maintainer scripts, run against stubs (never against this machine's initramfs): with
+# initramfs-tools present its trigger does the rebuild; on dracut-only systems the scripts call dracut.
+mkdir -p "$tmp/stub-it" "$tmp/stub-dr"
+for d in "$tmp/stub-it" "$tmp/stub-dr"; do
+	printf '#!/bin/sh\necho "$*" >>%s/dracut.calls\n' "$d" >"$d/dracut"
+	chmod 755 "$d/dracut"
+done
+printf '#!/bin/sh\nexit 0\n' >"$tmp/stub-it/update-initramfs"
+chmod 755 "$tmp/stub-it/update-initramfs"
+for script in postinst:configure postrm:remove; do
+	name=${script%%:*} arg=${script#*:}
+	PATH="$tmp/stub-it" /bin/sh "packaging/debian/$name" "$arg"
+	PATH="$tmp/stub-dr" /bin/sh "packaging/debian/$name" "$arg"
+done
+[ ! -e "$tmp/stub-it/dracut.calls" ] && ok "with initramfs-tools, the maintainer scripts leave the rebuild to its trigger" ||
+	bad "dracut was called although update-initramfs exists"
+[ "$(cat "$tmp/stub-dr/dracut.calls" 2>/dev/null)" = "$(printf -- '-f --regenerate-all\n-f --regenerate-all')" ] &&
+	ok "dracut-only: postinst and postrm rebuild every initramfs" || bad "dracut-only rebuild calls: $(cat "$tmp/stub-dr/dracut.calls" 2>/dev/null)"
+
 echo "$fails failed"
 [ "$fails" -eq 0 ]
