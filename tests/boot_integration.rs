@@ -98,16 +98,42 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
             .join("systemd-cryptsetup@osencrypt.service.d/50-initcrypt.conf"),
     );
     for want in [
-        "Requires=initcrypt-keys.service",
-        "After=initcrypt-keys.service",
-        "Requires=initcrypt-encrypt@osencrypt.service",
-        "After=initcrypt-encrypt@osencrypt.service",
+        "Requires=initcrypt-keys.service initcrypt-encrypt@osencrypt.service",
+        "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service",
+        // the key file stays until the unit has used it
+        "Before=initcrypt-keys-cleanup.service",
+        // a rejected OS key ends in the emergency path, not in a wait for a root that cannot come
+        "OnFailure=emergency.target",
+        "OnFailureJobMode=isolate",
     ] {
         assert!(
             dropin.lines().any(|l| l == want),
             "{want} missing: {dropin}"
         );
     }
+    let data_dropin = read(
+        &g.normal
+            .join("systemd-cryptsetup@data\\x2d0\\x2d1.service.d/50-initcrypt.conf"),
+    );
+    assert!(
+        !data_dropin.contains("OnFailure"),
+        "a data disk never sends the boot to emergency: {data_dropin}"
+    );
+    // ... and a missing data disk never holds the key cleanup (and so the boot) for its device timeout
+    assert!(
+        !data_dropin.contains("initcrypt-keys-cleanup"),
+        "{data_dropin}"
+    );
+    // dracut's initqueue must not time out on the root while the OS pass runs.
+    let iq = read(
+        &g.normal
+            .join("dracut-initqueue.service.d/50-initcrypt.conf"),
+    );
+    assert!(
+        iq.lines()
+            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"),
+        "{iq}"
+    );
     // (a link to the template, which exists in the initrd, not necessarily on this host)
     let want = g
         .normal
@@ -123,26 +149,36 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
         &g.normal
             .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount.d/50-initcrypt.conf"),
     );
-    assert!(
-        hdr.lines()
-            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service")
-            && hdr.lines().any(
-                |l| l == "Requires=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"
-            ),
-        "{hdr}"
-    );
+    for want in [
+        "Requires=initcrypt-keys.service initcrypt-encrypt@osencrypt.service",
+        // after every pass unit: they mount the same boot partition privately
+        "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service initcrypt-encrypt-data@data\\x2d0\\x2d1.service",
+        "Options=ro",
+    ] {
+        assert!(hdr.lines().any(|l| l == want), "{want} missing: {hdr}");
+    }
     assert!(g
         .early
         .join("run-systemd-cryptsetup-headerdev\\x2dosencrypt.mount")
         .exists());
-    // A data volume's failed pass never sends the boot to emergency.
-    let data_dropin = read(
+    // A data volume's pass has its own template (no OnFailure=, no hold on the root mount), and
+    // pass units run one at a time.
+    let want = g
+        .normal
+        .join("cryptsetup.target.wants/initcrypt-encrypt-data@data\\x2d0\\x2d1.service");
+    assert_eq!(
+        fs::read_link(&want).unwrap(),
+        Path::new("/usr/lib/systemd/system/initcrypt-encrypt-data@.service")
+    );
+    let order = read(
         &g.normal
-            .join("initcrypt-encrypt@data\\x2d0\\x2d1.service.d/50-data.conf"),
+            .join("initcrypt-encrypt-data@data\\x2d0\\x2d1.service.d/50-order.conf"),
     );
     assert!(
-        data_dropin.lines().any(|l| l == "OnFailure="),
-        "{data_dropin}"
+        order
+            .lines()
+            .any(|l| l == "After=initcrypt-encrypt@osencrypt.service"),
+        "{order}"
     );
     assert!(!g
         .normal
@@ -276,8 +312,8 @@ fn units_pass_systemd_analyze_verify() {
     }
     assert_eq!(
         units.len(),
-        3,
-        "systemd-units/ holds keys, keys-cleanup and encrypt@"
+        4,
+        "systemd-units/ holds keys, keys-cleanup, encrypt@ and encrypt-data@"
     );
     for name in [
         "systemd-cryptsetup@osencrypt.service",

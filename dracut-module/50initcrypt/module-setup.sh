@@ -14,14 +14,28 @@ initcrypt_root() {
     printf '%s' "${INITCRYPT_ROOT:-}"
 }
 
+# True when this machine has volumes for initcrypt to open at boot.
+initcrypt_wanted() {
+    # volumes.json names them ...
+    [[ -f "$(initcrypt_root)/etc/initcrypt/volumes.json" ]] && return 0
+    # ... or ADE's parameters do (running now, or configured for the next boot).
+    grep -qs 'rd\.luks\.ade\.' /proc/cmdline /etc/default/grub /etc/kernel/cmdline
+}
+
 # called by dracut
 check() {
     # Without the binary the module cannot work: never include half of it.
     require_binaries "$(initcrypt_root)/usr/sbin/initcrypt" || return 1
-    # A host image includes it when this machine has volumes for it to handle ...
-    [[ -f "$(initcrypt_root)/etc/initcrypt/volumes.json" ]] && return 0
-    # ... or boots with ADE's parameters (running now, or configured for the next boot).
-    grep -qs 'rd\.luks\.ade\.' /proc/cmdline /etc/default/grub /etc/kernel/cmdline && return 0
+    if initcrypt_wanted; then
+        # Without systemd-cryptsetup, dracut would drop this module (and crypt) with a message
+        # and still write an image that cannot open the root: fail the build instead.
+        if [[ ! -x "$dracutsysrootdir$systemdutildir/systemd-cryptsetup" ]]; then
+            dfatal "initcrypt: $systemdutildir/systemd-cryptsetup is missing; install systemd's cryptsetup support before building this initramfs"
+            exit 1
+        fi
+        # Included in every image of this machine.
+        return 0
+    fi
     # Otherwise only on request (--add initcrypt, add_dracutmodules+=" initcrypt ").
     return 255
 }
@@ -63,7 +77,8 @@ install() {
         inst_simple "$root/etc/initcrypt/volumes.json" /etc/initcrypt/volumes.json || exit 1
     fi
     # Our units; a missing one fails the build here instead of the boot later.
-    for unit in initcrypt-keys.service initcrypt-keys-cleanup.service initcrypt-encrypt@.service; do
+    for unit in initcrypt-keys.service initcrypt-keys-cleanup.service initcrypt-encrypt@.service \
+        initcrypt-encrypt-data@.service; do
         # Installed by scripts/install or the package under /usr/lib/systemd/system.
         inst_simple "$root/usr/lib/systemd/system/$unit" "$systemdsystemunitdir/$unit" || exit 1
     done
@@ -72,6 +87,8 @@ install() {
         "$systemdutildir/system-generators/systemd-cryptsetup-generator" || exit 1
     # The key files are read at the start of every boot, whether or not a volume needs them.
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target initcrypt-keys.service || exit 1
-    # And removed before the switch to the real root.
+    # And removed before the switch to the real root ...
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target initcrypt-keys-cleanup.service || exit 1
+    # ... or on the way to the emergency shell, whose isolate would cancel the first request.
+    $SYSTEMCTL -q --root "$initdir" add-wants emergency.target initcrypt-keys-cleanup.service || exit 1
 }
