@@ -14,7 +14,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 # 1. shellcheck: hooks run in busybox sh, the dracut module in bash.
 if shellcheck -x -s sh initramfs-tools-hook/hooks/initcrypt initramfs-tools-hook/scripts/local-top/initcrypt \
-	scripts/install scripts/package-deb packaging/debian/postinst packaging/debian/postrm &&
+	scripts/install scripts/package-deb packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm &&
 	shellcheck -s bash dracut-module/50initcrypt/module-setup.sh; then
 	ok "shellcheck: hooks, dracut module, install and package scripts"
 else
@@ -82,6 +82,23 @@ done
 	bad "dracut was called although update-initramfs exists"
 [ "$(cat "$tmp/stub-dr/dracut.calls" 2>/dev/null)" = "$(printf -- '-f --regenerate-all\n-f --regenerate-all')" ] &&
 	ok "dracut-only: postinst and postrm rebuild every initramfs" || bad "dracut-only rebuild calls: $(cat "$tmp/stub-dr/dracut.calls" 2>/dev/null)"
+
+# 6. prerm: removal is refused while initcrypt opens this VM's disks; upgrades and forced removals pass.
+mkdir -p "$tmp/vm/etc/initcrypt" "$tmp/vm/proc" "$tmp/plain/proc"
+echo '{"version": 1, "volumes": []}' >"$tmp/vm/etc/initcrypt/volumes.json"
+echo 'root=/dev/vda1 ro' >"$tmp/plain/proc/cmdline"
+if INITCRYPT_ROOT="$tmp/vm" sh packaging/debian/prerm remove 2>"$tmp/prerm.err"; then bad "prerm allowed removal on a VM initcrypt unlocks"; else
+	grep -q 'refusing removal' "$tmp/prerm.err" && ok "prerm refuses removal on a VM initcrypt unlocks, saying why" || bad "prerm refused without its message"
+fi
+INITCRYPT_ROOT="$tmp/vm" sh packaging/debian/prerm upgrade && INITCRYPT_ROOT="$tmp/vm" INITCRYPT_FORCE_REMOVE=1 sh packaging/debian/prerm remove &&
+	INITCRYPT_ROOT="$tmp/plain" sh packaging/debian/prerm remove && ok "prerm allows upgrades, forced removals and removal where nothing is configured" ||
+	bad "prerm refused an upgrade, a forced removal or a machine with nothing configured"
+echo 'quiet rd.luks.ade.partuuid=x rd.luks.ade.bootuuid=y' >"$tmp/plain/proc/cmdline"
+if INITCRYPT_ROOT="$tmp/plain" sh packaging/debian/prerm remove 2>/dev/null; then bad "prerm allowed removal on an ADE VM"; else
+	ok "prerm refuses removal on a VM booted with rd.luks.ade.*"
+fi
+dpkg-deb --ctrl-tarfile "$deb" | tar -t | grep -qx './prerm' && ok "package carries prerm" || bad "no prerm in the package"
+dpkg-deb -f "$deb" Depends | grep -q 'initramfs-tools | dracut' && ok "package depends on an initramfs builder" || bad "no Depends on an initramfs builder"
 
 echo "$fails failed"
 [ "$fails" -eq 0 ]
