@@ -258,6 +258,32 @@ fn generator_cli_contract() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!d.exists());
+    // In the initrd, an invalid volumes.json is exit 8 naming the field, before anything is
+    // written (initcrypt-keys.service then fails with the same line and takes the emergency path).
+    let cfg = dir.path().join("volumes.json");
+    fs::write(
+        &cfg,
+        r#"{"version": 1, "volumes": [{"name": "x", "role": "os"}]}"#,
+    )
+    .unwrap();
+    let out = initcrypt()
+        .env("SYSTEMD_IN_INITRD", "1")
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "generator",
+            d.to_str().unwrap(),
+            "e",
+            "l",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(8), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("volumes[0]"),
+        "{out:?}"
+    );
+    assert!(!d.exists());
     // Under its generator name the binary runs the generator (argv[0] dispatch).
     let link = dir.path().join("initcrypt-generator");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_initcrypt"), &link).unwrap();
