@@ -261,11 +261,7 @@ fn generator_cli_contract() {
     // In the initrd, an invalid volumes.json is exit 8 naming the field, before anything is
     // written (initcrypt-keys.service then fails with the same line and takes the emergency path).
     let cfg = dir.path().join("volumes.json");
-    fs::write(
-        &cfg,
-        r#"{"version": 1, "volumes": [{"name": "x", "role": "os"}]}"#,
-    )
-    .unwrap();
+    fs::write(&cfg, VOLUMES.replace("PARTUUID=0d3c9a1e-01", "/dev/sda2")).unwrap();
     let out = initcrypt()
         .env("SYSTEMD_IN_INITRD", "1")
         .args([
