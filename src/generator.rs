@@ -10,8 +10,10 @@
 //!   the normal one: a line for the same name in the image's /etc/crypttab (dracut copies the
 //!   host's; ADE's reads the key from /mnt/azure_bek_disk and the header from /boot, neither of
 //!   which exists in the initrd) is shadowed for volumes initcrypt manages;
-//! - per volume, a drop-in ordering that unit after `initcrypt-keys.service` and, when the volume is
-//!   wanted encrypted, after (and requiring) `initcrypt-encrypt@<name>.service`.
+//! - drop-ins: each stock unit requires and follows `initcrypt-keys.service` and the volume's pass
+//!   unit (`initcrypt-encrypt@` for the OS volume, `initcrypt-encrypt-data@` for data); the OS
+//!   unit fails to the emergency path; pass units run one at a time, OS first; header mounts are
+//!   read-only and follow every pass unit; dracut's initqueue follows the OS pass.
 //!
 //! Why run the stock generator on our own crypttab instead of baking /etc/crypttab into the image:
 //! ADE's parameters name the disk only on the kernel command line, and generators cannot write
@@ -219,22 +221,19 @@ fn cryptsetup_unit(name: &str) -> String {
     format!("systemd-cryptsetup@{}.service", escape(name))
 }
 
-/// The pass unit of a volume: the OS volume's sends a failed pass to the emergency path and holds
-/// the root mount; a data volume's does neither (systemd cannot remove OnFailure= or Before= in a
-/// drop-in, hence two templates).
-fn encrypt_unit(v: &Volume) -> String {
-    let template = match v.role {
-        Role::Os => "initcrypt-encrypt",
-        Role::Data => "initcrypt-encrypt-data",
-    };
-    format!("{template}@{}.service", escape(&v.name))
-}
-
+/// The pass template of a volume: the OS volume's sends a failed pass to the emergency path and
+/// holds the root mount; a data volume's does neither (systemd cannot remove OnFailure= or Before=
+/// in a drop-in, hence two templates).
 fn template_of(v: &Volume) -> &'static str {
     match v.role {
         Role::Os => "initcrypt-encrypt@.service",
         Role::Data => "initcrypt-encrypt-data@.service",
     }
+}
+
+/// The instance of `template_of(v)` for this volume.
+fn encrypt_unit(v: &Volume) -> String {
+    template_of(v).replace("@.", &format!("@{}.", escape(&v.name)))
 }
 
 fn header_mount_unit(v: &Volume) -> String {
@@ -246,6 +245,9 @@ fn header_mount_unit(v: &Volume) -> String {
 
 /// Every drop-in and link for the volumes initcrypt manages in the initrd.
 fn write_dropins(volumes: &[&Volume], normal: &Path) -> Result<(), Error> {
+    // The OS volume's pass first in the one-at-a-time chain: the root waits for nothing else.
+    let mut volumes = volumes.to_vec();
+    volumes.sort_by_key(|v| v.role != Role::Os);
     let all_enc: Vec<String> = volumes.iter().map(|v| encrypt_unit(v)).collect();
     for (i, v) in volumes.iter().enumerate() {
         cryptsetup_dropin(v, normal)?;

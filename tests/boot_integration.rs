@@ -193,6 +193,32 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
 }
 
 #[test]
+fn the_os_pass_comes_first_whatever_the_file_order() {
+    let data_first = r#"{"version": 1, "volumes": [
+  {"name": "data0_1", "role": "data", "device": "PARTUUID=77-02",
+   "header": {"boot_uuid": "5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d", "path": "luks/data0_1.hdr"},
+   "key_file": "LinuxPassPhraseFileName_0_1", "desired": "encrypted"},
+  {"name": "osencrypt", "role": "os", "device": "PARTUUID=0d3c9a1e-01",
+   "header": {"boot_uuid": "5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d", "path": "luks/osluksheader"},
+   "desired": "encrypted"}]}"#;
+    let g = generate(data_first, "", "");
+    assert!(!g
+        .normal
+        .join("initcrypt-encrypt@osencrypt.service.d")
+        .exists());
+    let order = read(
+        &g.normal
+            .join("initcrypt-encrypt-data@data0_1.service.d/50-order.conf"),
+    );
+    assert!(
+        order
+            .lines()
+            .any(|l| l == "After=initcrypt-encrypt@osencrypt.service"),
+        "{order}"
+    );
+}
+
+#[test]
 fn ade_command_line_alone_opens_osencrypt() {
     let g = generate(
         r#"{"version": 1, "volumes": []}"#,

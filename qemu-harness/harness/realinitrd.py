@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .binary import is_static_elf
 from .util import REPO_ROOT, HarnessError, log, run
 
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install"
@@ -65,18 +66,11 @@ def _tool(cmd: list, *, log_path: Path, what: str, env: dict | None = None, time
     return out
 
 
-def dynamic_needed(binary: Path) -> list[str]:
-    """DT_NEEDED entries of an ELF file (readelf -d): a static binary has none."""
-    out = run(["readelf", "-d", binary]).stdout
-    return [l.split("[", 1)[1].rstrip("]") for l in out.splitlines() if "(NEEDED)" in l and "[" in l]
-
-
 def stage_install(out: Path, binary: Path, volumes_json: str | None) -> Path:
     """scripts/install --destdir <out>/stage --binary BINARY, plus the scenario's volumes.json. Returns the stage."""
-    needed = dynamic_needed(binary)
-    if needed:
-        raise ImageBuildError(f"{binary} needs shared libraries ({', '.join(needed)}): the real initramfs "
-                              "scenarios need the static build (scripts/build-static, or INITCRYPT_BIN=...)")
+    if not is_static_elf(binary):
+        raise ImageBuildError(f"{binary} is dynamically linked: the real initramfs scenarios need the static "
+                              "build (scripts/build-static, or INITCRYPT_BIN=...)")
     stage = out / "stage"
     if stage.exists():
         shutil.rmtree(stage)
