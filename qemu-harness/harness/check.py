@@ -64,16 +64,8 @@ def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, s
     elif "ROOT_INIT" in guest_facts:
         failures.append("the root filesystem's /sbin/init ran (@@ROOT_INIT present) but expect_root_init = false")
 
-    pos = 0
-    for want in scn.expect_in_order:
-        want = expand(want, host_facts, where=where)
-        i = transcript.find(want, pos)
-        if i < 0:
-            earlier = transcript.find(want)
-            failures.append(f"expected in order: {want!r}" + (" (found, but before the previous expectation)"
-                                                               if earlier >= 0 else " (not found)"))
-        else:
-            pos = i + len(want)
+    for chain in scn.expect_in_order:
+        failures += _check_chain(transcript, [expand(w, host_facts, where=where) for w in chain])
 
     for want in scn.expect_present:
         want = expand(want, host_facts, where=where)
@@ -99,4 +91,18 @@ def check(scn: Scenario, transcript: str, host_facts: dict, guest_facts: dict, s
                 failures.append(f"disk {disk}: image changed during the boot (sha256 differs)")
             if not checks["unchanged"] and same:
                 failures.append(f"disk {disk}: image expected to change but is identical")
+    return failures
+
+
+def _check_chain(transcript: str, chain: list[str]) -> list[str]:
+    """Each substring must appear after the previous one of its chain."""
+    failures, pos = [], 0
+    for want in chain:
+        i = transcript.find(want, pos)
+        if i < 0:
+            earlier = transcript.find(want)
+            failures.append(f"expected in order: {want!r}" + (" (found, but before the previous expectation)"
+                                                               if earlier >= 0 else " (not found)"))
+        else:
+            pos = i + len(want)
     return failures

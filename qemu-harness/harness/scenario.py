@@ -22,6 +22,12 @@ DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_afte
 DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size"}
 POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# Lines that reach the serial console straight from their writer, in the order they were written: systemd's own
+# status lines, the root's /sbin/init facts and the kernel's last words. Under a systemd initrd, initcrypt's
+# stderr goes to journald, which forwards it to the console on its own schedule: such a line can print before or
+# after a status line written at nearly the same moment, so one order chain must not hold both kinds.
+CONSOLE_DIRECT_RE = re.compile(r"^(Starting |Started |Finished |Mounted |Reached target |Failed to start |Stopped |"
+                               r"@@|reboot: )")
 PLACEHOLDER_RE = re.compile(r"\{([a-z][a-z0-9_]*)\.([A-Za-z0-9_]+)\}")
 
 
@@ -65,7 +71,7 @@ class Scenario:
     files: dict
     guest_script: str
     guest_tools: list[str]
-    expect_in_order: list[str]
+    expect_in_order: list[list[str]]  # independent chains; each one's substrings appear in its order
     expect_present: list[str]
     expect_absent: list[str]
     expect_facts: dict
@@ -176,7 +182,7 @@ def load(name: str) -> Scenario:
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files=data.get("files", {}),
         guest_script=data.get("guest_script", ""), guest_tools=data.get("guest_tools", []),
-        expect_in_order=data.get("expect_in_order", []), expect_present=data.get("expect_present", []),
+        expect_in_order=_order_chains(path, data.get("expect_in_order", []), kind), expect_present=data.get("expect_present", []),
         expect_absent=data.get("expect_absent", []),
         expect_facts={k: str(v) for k, v in data.get("expect_facts", {}).items()},
         expect_disk=expect_disk, path=path, power_cut=power_cut, expect_lines=expect_lines,
@@ -198,3 +204,20 @@ def expand(template: str, facts: dict, keys=None, *, where: str = "") -> str:
         known = ", ".join(f"{d}.{f}" for d in facts for f in facts[d])
         raise HarnessError(f"{where}: unknown placeholder {m.group(0)} (known: {known})")
     return PLACEHOLDER_RE.sub(sub, template)
+
+
+def _order_chains(path: Path, raw: list, kind: str) -> list[list[str]]:
+    """One chain (a list of strings) or several (a list of lists), checked independently of each other."""
+    if not isinstance(raw, list):
+        _fail(path, "expect_in_order must be a list of strings or a list of lists of strings")
+    chains = raw if raw and all(isinstance(c, list) for c in raw) else [raw]
+    for i, chain in enumerate(chains):
+        if not all(isinstance(w, str) for w in chain):
+            _fail(path, f"expect_in_order[{i}]: strings only (do not mix strings and lists)")
+        if kind == "dracut":
+            direct = {bool(CONSOLE_DIRECT_RE.match(w)) for w in chain}
+            if len(direct) > 1:
+                _fail(path, f"expect_in_order[{i}] mixes lines journald forwards (initcrypt's) with lines written "
+                            "straight to the console (systemd status, @@facts): their relative order on the serial "
+                            "console is not guaranteed. Put them in separate chains (a list of lists)")
+    return [c for c in chains if c]
