@@ -339,6 +339,7 @@ fn run_pass(
         Direction::Encrypt => pass::encrypt(&req, &mut report),
         Direction::Decrypt => pass::decrypt(&req, &mut report),
     };
+    blockdev::announce_change(&loc.dev);
     result.map_err(|e| Error::Pass {
         name: v.name.clone(),
         source: e,
@@ -366,7 +367,9 @@ fn resume_luks2(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), 
         node.display(),
         pct.as_deref().unwrap_or("an unknown point")
     );
-    vol.resume_reencryption(&key, &v.key_file)?;
+    let resumed = vol.resume_reencryption(&key, &v.key_file);
+    blockdev::announce_change(&loc.dev);
+    resumed?;
     log::info!(
         "{}: encrypted {} in place (LUKS2 reencryption finished)",
         v.name,

@@ -134,6 +134,22 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
             .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"),
         "{iq}"
     );
+    // root=UUID= names a filesystem the pass moves behind the mapping during this boot: the root is
+    // mounted after the open, and never after a failed pass.
+    let sysroot = read(&g.normal.join("sysroot.mount.d/50-initcrypt.conf"));
+    for want in [
+        "Requires=initcrypt-encrypt@osencrypt.service",
+        "After=initcrypt-encrypt@osencrypt.service systemd-cryptsetup@osencrypt.service",
+    ] {
+        assert!(
+            sysroot.lines().any(|l| l == want),
+            "{want} missing: {sysroot}"
+        );
+    }
+    assert!(
+        !sysroot.contains("data"),
+        "a data volume never holds the root: {sysroot}"
+    );
     // (a link to the template, which exists in the initrd, not necessarily on this host)
     let want = g
         .normal

@@ -180,6 +180,18 @@ pub fn holders(dev: &BlockDev) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Ask udev to probe this device again after a pass rewrote it. Its database still holds what the
+/// device carried when the boot began: a `/dev/disk/by-uuid` link to a filesystem that now lives
+/// behind the mapping (`root=UUID=` would resolve to the raw partition). udev's inotify watch
+/// usually catches the close, but not every initramfs installs the rule that sets it. Best effort:
+/// without udev nothing listens and nothing is lost.
+pub fn announce_change(dev: &BlockDev) {
+    let path = Path::new(SYS_BLOCK).join(&dev.name).join("uevent");
+    if let Err(e) = fs::write(&path, b"change\n") {
+        log::debug!("cannot write {}: {e}", path.display());
+    }
+}
+
 /// Name of the device-mapper device a dm-N kernel device carries (`/sys/block/dm-N/dm/name`).
 pub fn dm_name(kernel_name: &str) -> Option<String> {
     fs::read_to_string(Path::new(SYS_BLOCK).join(kernel_name).join("dm/name"))
