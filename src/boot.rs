@@ -4,6 +4,7 @@
 //! Observation is shared with `status`, so the two can never disagree about a disk. The pass runs
 //! here, before sysroot.mount, because nothing else can hold the root filesystem open yet.
 
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::exit::{Classify, Exit};
 use crate::keyvol::{self, KeyVolumes};
 use crate::luks::{self, Info, LuksVolume};
 use crate::pass::{self, Direction};
+use crate::secret::Secret;
 
 /// Private mount points for boot partitions live here, never under /boot or /sysroot.
 const RUN_DIR: &str = "/run/initcrypt";
@@ -37,6 +39,10 @@ pub enum Error {
         device: String,
         what: String,
     },
+    #[error(
+        "{name}: no key volume (see the key volume error above); attach the BEK volume and reboot"
+    )]
+    NoKeyVolume { name: String, exit: Exit },
     #[error("{name}: {device} has neither a LUKS header nor a filesystem initcrypt recognises, and the header {header} is missing; restore the header or check volumes.json")]
     Unrecognised {
         name: String,
@@ -56,6 +62,7 @@ impl Classify for Error {
             Error::Unrecognised { .. } => Exit::DeviceMissing,
             Error::Pass { source, .. } => source.exit(),
             Error::NeedsDetachedHeader { .. } => Exit::LayoutUnsupported,
+            Error::NoKeyVolume { exit, .. } => *exit,
         }
     }
 }
@@ -210,6 +217,47 @@ fn check_not_busy(v: &Volume, dev: &BlockDev) -> Result<(), Error> {
     Ok(())
 }
 
+/// The key volume, searched for the first time a volume needs a key and only then: a VM whose
+/// volumes are all in their wanted state (decrypted, or already open) boots without its BEK disk
+/// and without the bounded wait for it. A failed search is not repeated for the next volume.
+pub struct Keys {
+    timeout: Duration,
+    /// The search's outcome: the key volumes, or the exit code of its failure.
+    found: OnceCell<Result<KeyVolumes, Exit>>,
+}
+
+impl Keys {
+    pub fn new(timeout: Duration) -> Keys {
+        Keys {
+            timeout,
+            found: OnceCell::new(),
+        }
+    }
+
+    /// The key of volume `v`, from the key volume (searched for on first use). The first failure
+    /// is returned whole; later volumes get a short line pointing at it.
+    pub fn key_for(&self, v: &Volume) -> Result<Secret, Error> {
+        let mut first_failure = None;
+        let found = self.found.get_or_init(|| {
+            keyvol::find(self.timeout).map_err(|e| {
+                let exit = e.exit();
+                first_failure = Some(e);
+                exit
+            })
+        });
+        if let Some(e) = first_failure {
+            return Err(e.into());
+        }
+        match found {
+            Ok(k) => Ok(k.key_for(&v.key_file)?),
+            Err(exit) => Err(Error::NoKeyVolume {
+                name: v.name.clone(),
+                exit: *exit,
+            }),
+        }
+    }
+}
+
 /// What to do about a volume in the state observed.
 enum Step {
     Done,
@@ -252,7 +300,7 @@ fn next_step(v: &Volume, obs: Observed) -> Step {
 
 /// Reconcile one volume: observe, act, observe again, until it is open or needs nothing. Bounded:
 /// a volume needs at most an unfinished pass finished, a new pass, and the open.
-fn reconcile(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Error> {
+fn reconcile(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
     if let Some(dm) = blockdev::mapping_active(&v.name) {
         log::info!("{} is already open ({dm})", v.name);
         return Ok(());
@@ -286,7 +334,7 @@ fn reconcile(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Err
 /// Run (or resume) our in-place pass with the boot partition mounted read-write.
 fn run_pass(
     v: &Volume,
-    keys: &KeyVolumes,
+    keys: &Keys,
     timeout: Duration,
     direction: Direction,
     resume_at: Option<(u64, u64)>,
@@ -296,6 +344,8 @@ fn run_pass(
             name: v.name.clone(),
         });
     }
+    // The key before the read-write mount: a missing key volume must leave /boot untouched.
+    let key = keys.key_for(v)?;
     let loc = locate(v, timeout, Access::ReadWrite)?;
     check_not_busy(v, &loc.dev)?;
     let node = loc.dev.checked_node()?;
@@ -305,7 +355,6 @@ fn run_pass(
         .ok_or_else(|| Error::NeedsDetachedHeader {
             name: v.name.clone(),
         })?;
-    let key = keys.key_for(&v.key_file)?;
     let verb = if direction == Direction::Encrypt {
         "encrypt"
     } else {
@@ -349,11 +398,11 @@ fn run_pass(
 }
 
 /// Finish a LUKS2 reencryption ADE's online flow (or stock cryptsetup) left unfinished.
-fn resume_luks2(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), Error> {
+fn resume_luks2(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
+    let key = keys.key_for(v)?;
     let loc = locate(v, timeout, Access::ReadWrite)?;
     check_not_busy(v, &loc.dev)?;
     let node = loc.dev.checked_node()?;
-    let key = keys.key_for(&v.key_file)?;
     let vol = LuksVolume::new(&node, loc.header.as_deref());
     let pct = vol.reencrypted_bytes().map(|b| {
         format!(
@@ -378,7 +427,7 @@ fn resume_luks2(v: &Volume, keys: &KeyVolumes, timeout: Duration) -> Result<(), 
     Ok(())
 }
 
-fn open(v: &Volume, loc: &Located, info: &Info, keys: &KeyVolumes) -> Result<(), Error> {
+fn open(v: &Volume, loc: &Located, info: &Info, keys: &Keys) -> Result<(), Error> {
     check_not_busy(v, &loc.dev)?;
     if info.reencrypt_pending {
         log::info!(
@@ -387,7 +436,7 @@ fn open(v: &Volume, loc: &Located, info: &Info, keys: &KeyVolumes) -> Result<(),
             loc.dev.name
         );
     }
-    let key = keys.key_for(&v.key_file)?;
+    let key = keys.key_for(v)?;
     let node = loc.dev.checked_node()?;
     let slot =
         LuksVolume::new(&node, loc.header.as_deref()).activate(&v.name, &key, &v.key_file)?;
@@ -460,7 +509,7 @@ pub fn pass_one(
     }
     // Only a pass needs the key: a volume already in the wanted state (every boot of
     // initcrypt-encrypt@ after the first) costs no key-volume scan.
-    let keys = keyvol::find(params.keyvol_timeout)?;
+    let keys = Keys::new(params.keyvol_timeout);
     if let Observed::Encrypted(i) = &obs {
         if i.reencrypt_pending && direction == Direction::Encrypt {
             return resume_luks2(v, &keys, params.keyvol_timeout);
@@ -485,7 +534,7 @@ pub fn run(config_path: &Path, params: &BootParams) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let keys = keyvol::find(params.keyvol_timeout)?;
+    let keys = Keys::new(params.keyvol_timeout);
     let mut failures: Vec<(Role, Error)> = Vec::new();
     for v in &volumes {
         if let Err(e) = reconcile(v, &keys, params.keyvol_timeout) {

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, BootParams, Role, Volume, ADE_OS_NAME};
+use crate::config::{self, BootParams, Desired, Role, Volume, ADE_OS_NAME};
 use crate::exit::{Classify, Exit};
 use crate::keyvol::{self, OS_KEY_FILE};
 use crate::secret::Secret;
@@ -91,9 +91,20 @@ pub fn write_all(config_path: &Path, params: &BootParams) -> Result<(), Error> {
         log::info!("disabled on the kernel command line (rd.initcrypt=0 or rd.ade=0)");
         return Ok(());
     }
-    let volumes = config::load(config_path, params)?;
-    if volumes.is_empty() {
+    let configured = config::load(config_path, params)?;
+    if configured.is_empty() {
         log::info!("no volumes configured; no key files written");
+        return Ok(());
+    }
+    // Only volumes wanted encrypted are opened in the initrd. A volume wanted decrypted gets no key
+    // file: its pass unit reads the key volume itself if a pass is still needed, so a VM already
+    // decrypted boots without its BEK disk.
+    let volumes: Vec<_> = configured
+        .into_iter()
+        .filter(|v| v.desired == Desired::Encrypted)
+        .collect();
+    if volumes.is_empty() {
+        log::info!("no volume is wanted encrypted; no key files written");
         return Ok(());
     }
     let has_os = volumes.iter().any(|v| v.role == Role::Os);
