@@ -168,7 +168,7 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     for want in [
         "Requires=initcrypt-keys.service initcrypt-encrypt@osencrypt.service",
         // after every pass unit: they mount the same boot partition privately
-        "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service initcrypt-encrypt-data@data\\x2d0\\x2d1.service",
+        "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service initcrypt-encrypt-data@data\\x2d0\\x2d1.service initcrypt-decrypt-data@scratch.service",
         "Options=ro",
     ] {
         assert!(hdr.lines().any(|l| l == want), "{want} missing: {hdr}");
@@ -203,9 +203,72 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
     // The unit may wait as long as the command line lets the binary wait, plus a margin.
     let t = read(&g.normal.join("initcrypt-keys.service.d/50-timeout.conf"));
     assert!(t.contains("TimeoutStartSec=130"), "{t}");
-    // A volume wanted decrypted is not opened in the initrd at all.
+    // A volume wanted decrypted is decrypted by its own pass unit (in the one-at-a-time chain) and
+    // never opened: no crypttab line, no stock unit, no header mount.
     assert!(!g.early.join("systemd-cryptsetup@scratch.service").exists());
     assert!(!read(&g.runtime.join("crypttab")).contains("scratch"));
+    assert!(!g
+        .early
+        .join("run-systemd-cryptsetup-headerdev\\x2dscratch.mount")
+        .exists());
+    let want = g
+        .normal
+        .join("cryptsetup.target.wants/initcrypt-decrypt-data@scratch.service");
+    assert_eq!(
+        fs::read_link(&want).unwrap(),
+        Path::new("/usr/lib/systemd/system/initcrypt-decrypt-data@.service")
+    );
+    let order = read(
+        &g.normal
+            .join("initcrypt-decrypt-data@scratch.service.d/50-order.conf"),
+    );
+    assert!(
+        order
+            .lines()
+            .any(|l| l == "After=initcrypt-encrypt-data@data\\x2d0\\x2d1.service"),
+        "{order}"
+    );
+}
+
+/// An OS volume wanted decrypted (what `disable` asks for): its decrypt unit holds the root mount,
+/// nothing opens it, and the key unit asks for no key.
+#[test]
+fn an_os_volume_wanted_decrypted_is_decrypted_before_the_root_mount() {
+    let json = r#"{"version": 1, "volumes": [
+  {"name": "osencrypt", "role": "os", "device": "PARTUUID=0d3c9a1e-01",
+   "header": {"boot_uuid": "5a4b3c2d-1e0f-4a5b-8c7d-6e5f4a3b2c1d", "path": "luks/osluksheader"},
+   "desired": "decrypted"}
+]}"#;
+    let g = generate(json, "", "");
+    assert!(!g.runtime.join("crypttab").exists());
+    assert!(!g
+        .early
+        .join("systemd-cryptsetup@osencrypt.service")
+        .exists());
+    assert!(fs::symlink_metadata(
+        g.normal
+            .join("cryptsetup.target.wants/initcrypt-decrypt@osencrypt.service")
+    )
+    .is_ok());
+    let sysroot = read(&g.normal.join("sysroot.mount.d/50-initcrypt.conf"));
+    for want in [
+        "Requires=initcrypt-decrypt@osencrypt.service",
+        "After=initcrypt-decrypt@osencrypt.service",
+    ] {
+        assert!(
+            sysroot.lines().any(|l| l == want),
+            "{want} missing: {sysroot}"
+        );
+    }
+    let iq = read(
+        &g.normal
+            .join("dracut-initqueue.service.d/50-initcrypt.conf"),
+    );
+    assert!(
+        iq.lines()
+            .any(|l| l == "After=initcrypt-keys.service initcrypt-decrypt@osencrypt.service"),
+        "{iq}"
+    );
 }
 
 #[test]
@@ -376,8 +439,8 @@ fn units_pass_systemd_analyze_verify() {
     }
     assert_eq!(
         units.len(),
-        4,
-        "systemd-units/ holds keys, keys-cleanup, encrypt@ and encrypt-data@"
+        6,
+        "systemd-units/ holds keys, keys-cleanup, encrypt@, encrypt-data@, decrypt@ and decrypt-data@"
     );
     for name in [
         "systemd-cryptsetup@osencrypt.service",

@@ -78,7 +78,7 @@ install() {
     fi
     # Our units; a missing one fails the build here instead of the boot later.
     for unit in initcrypt-keys.service initcrypt-keys-cleanup.service initcrypt-encrypt@.service \
-        initcrypt-encrypt-data@.service; do
+        initcrypt-encrypt-data@.service initcrypt-decrypt@.service initcrypt-decrypt-data@.service; do
         # Installed by scripts/install or the package under /usr/lib/systemd/system.
         inst_simple "$root/usr/lib/systemd/system/$unit" "$systemdsystemunitdir/$unit" || exit 1
     done

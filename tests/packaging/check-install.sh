@@ -24,6 +24,8 @@ fi
 # 2. scripts/install into a DESTDIR: exactly these files, these modes.
 expected="0755 /usr/sbin/initcrypt
 0777 /usr/lib/initcrypt/initcrypt-keyscript
+0644 /usr/lib/systemd/system/initcrypt-decrypt@.service
+0644 /usr/lib/systemd/system/initcrypt-decrypt-data@.service
 0644 /usr/lib/systemd/system/initcrypt-encrypt@.service
 0644 /usr/lib/systemd/system/initcrypt-encrypt-data@.service
 0644 /usr/lib/systemd/system/initcrypt-keys-cleanup.service
@@ -34,7 +36,7 @@ expected="0755 /usr/sbin/initcrypt
 scripts/install --destdir "$tmp/d" --binary "$bin" >/dev/null
 got=$(cd "$tmp/d" && find . \( -type f -o -type l \) -printf '%m %p\n' | sed 's| \./| /|; s/^\([0-9]\{3\}\) /0\1 /' | sort -k2)
 want=$(echo "$expected" | sort -k2)
-if [ "$got" = "$want" ]; then ok "scripts/install: 9 files in their places and modes"; else
+if [ "$got" = "$want" ]; then ok "scripts/install: 11 files in their places and modes"; else
 	bad "scripts/install layout:"; echo "$got"
 fi
 cmp -s "$bin" "$tmp/d/usr/sbin/initcrypt" && ok "installed binary is the built one" || bad "installed binary differs"
