@@ -7,6 +7,8 @@
                                 root partition; stock `cryptsetup reencrypt --decrypt` of a copy of the root
                                 partition gives back the plaintext's sha256 (fact root_sha256 of the builder)
   luks_sector_size = 4096       the header's data segment uses this sector size
+  plaintext_original = true     decrypted back: the raw root partition's sha256 is the builder's plaintext one
+                                (fact root_sha256), and no header, .pending or .journal is left on the boot partition
 
 Works on disks of the plain-os and ade-os builders (facts header_path, key_name, root_sha256, marker_string).
 Leaves <disk>.osluksheader and <disk>.luksDump.txt in the artifacts; the root copy is deleted.
@@ -83,6 +85,8 @@ def check_os_disk(disk: str, checks: dict, facts: dict, keys: disks.KeyStore, im
 
     final=False (after a power cut that left the final header): leftover .pending/.journal files are only
     recorded; everything else must hold, since the header is renamed only after the last chunk is durable."""
+    if checks.get("plaintext_original"):
+        return _check_plaintext(disk, facts, image, out)
     failures: list[str] = []
     found: dict = {}
     want_plain = checks.get("decrypts_to_original", False)
@@ -163,6 +167,30 @@ def check_os_disk(disk: str, checks: dict, facts: dict, keys: disks.KeyStore, im
         if found["decrypted_sha256"] != facts["root_sha256"]:
             failures.append(f"disk {disk}: stock decrypt gives sha256 {found['decrypted_sha256']}, "
                             f"not the original {facts['root_sha256']}")
+        return failures, found
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_plaintext(disk: str, facts: dict, image: Path, out: Path) -> tuple[list[str], dict]:
+    """The root partition holds the builder's plaintext again, and the pass left nothing on the boot partition."""
+    failures: list[str] = []
+    work = out / f"check-{disk}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _, root = _partitions(image)
+        copy = work / "root.img"
+        _extract(image, root, copy)
+        found = {"root_sha256_after": sha256_file(copy)}
+        if found["root_sha256_after"] != facts["root_sha256"]:
+            failures.append(f"disk {disk}: the raw root partition's sha256 is {found['root_sha256_after']}, not the "
+                            f"original plaintext's {facts['root_sha256']}")
+        copy.unlink()
+        left = boot_listing(image, facts.get("header_path", "luks/osluksheader"), work)
+        found["boot_dir"] = left
+        if left:
+            failures.append(f"disk {disk}: {left} still on the boot partition after the decryption")
         return failures, found
     finally:
         shutil.rmtree(work, ignore_errors=True)

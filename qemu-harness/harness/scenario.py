@@ -19,7 +19,7 @@ INITRAMFS_KINDS = ("harness", "dracut", "mkinitramfs")
 REAL_INITRAMFS_FILES = {"/etc/initcrypt/volumes.json"}  # what a staged install can carry into a real image
 DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
                     "logical_block_size"}
-DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size"}
+DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size", "plaintext_original"}
 POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Lines that reach the serial console straight from their writer, in the order they were written: systemd's own
