@@ -528,3 +528,26 @@ fn a_full_boot_partition_writes_nothing_to_the_device() {
     );
     assert_eq!(sha256(&img), before);
 }
+
+/// ADE's online flow interrupted: the header's default segment is already the final one, so a
+/// decryption by it would scramble the part still plaintext. Refused with exit 6, nothing written.
+#[test]
+fn decrypting_an_unfinished_reencryption_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let img = plain_image(dir.path(), "a.img", 16, 0);
+    let hdr = dir.path().join("h");
+    common::stock_encrypt(&img, &hdr, &key, &["--init-only"]);
+    let (img_before, hdr_before) = (sha256(&img), sha256(&hdr));
+    let out = ours("decrypt-image", &img, &hdr, &key, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("reencryption is unfinished"), "{stderr}");
+    assert_eq!(sha256(&img), img_before);
+    assert_eq!(sha256(&hdr), hdr_before);
+    let journal = dir.path().join("h.journal");
+    assert!(
+        !journal.exists(),
+        "no journal is created for a refused pass"
+    );
+}

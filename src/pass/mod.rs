@@ -361,8 +361,16 @@ fn start(req: &Request, dir: Direction, dev: &dyn Device) -> Result<Option<Journ
             if !paths.header.exists() {
                 return Ok(None);
             }
-            let (_, params) = LuksVolume::new(req.device, Some(&paths.header))
-                .volume_key(req.key, req.key_name)?;
+            let vol = LuksVolume::new(req.device, Some(&paths.header));
+            // Mid-reencryption, the header's default segment is the *final* one: decrypting by it
+            // would scramble the part that is still in its old form.
+            if vol.info()?.reencrypt_pending {
+                return Err(Error::Unsupported {
+                    device: req.device.display().to_string(),
+                    why: "its LUKS2 reencryption is unfinished; finish it first (initcrypt encrypt <name>, or cryptsetup reencrypt --resume-only), then decrypt".into(),
+                });
+            }
+            let (_, params) = vol.volume_key(req.key, req.key_name)?;
             check_decryptable(req, &params)?;
             let sb = superblock(req, dir, params.sector_size, dev.len(), params.uuid);
             create_journal(paths, sb).map(Some)
