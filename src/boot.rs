@@ -31,7 +31,7 @@ pub enum Error {
     Luks(#[from] luks::Error),
     #[error("{name}: {source}")]
     Pass { name: String, source: pass::Error },
-    #[error("{name}: the in-place pass needs a detached header (header.boot_uuid/path in volumes.json); attached-header volumes are formatted by `enable --format-empty`, not encrypted in place")]
+    #[error("{name}: the in-place pass needs a detached header (header.boot_uuid/path in volumes.json); a volume with its header on the disk is neither encrypted nor decrypted in place by initcrypt (use `cryptsetup reencrypt` offline)")]
     NeedsDetachedHeader { name: String },
     #[error("{name}: {device} is in use ({what}); initcrypt only touches a device nothing holds — boot without mounting it or check the crypttab/fstab entries")]
     Busy {
@@ -40,7 +40,7 @@ pub enum Error {
         what: String,
     },
     #[error(
-        "{name}: no key volume (see the key volume error above); attach the BEK volume and reboot"
+        "{name}: no key volume (see the key volume error on another line); attach the BEK volume and reboot"
     )]
     NoKeyVolume { name: String, exit: Exit },
     #[error("{name}: {device} has neither a LUKS header nor a filesystem initcrypt recognises, and the header {header} is missing; restore the header or check volumes.json")]
@@ -291,6 +291,10 @@ fn next_step(v: &Volume, obs: Observed) -> Step {
             Step::ResumeLuks2Reencryption
         }
         (Observed::Encrypted(i), Desired::Encrypted) => Step::Open(i),
+        // Mid-reencryption the header describes the final layout only: finish it, then decrypt.
+        (Observed::Encrypted(i), Desired::Decrypted) if i.reencrypt_pending => {
+            Step::ResumeLuks2Reencryption
+        }
         (Observed::Encrypted(_), Desired::Decrypted) => Step::Pass {
             direction: Direction::Decrypt,
             resume_at: None,
@@ -511,8 +515,31 @@ pub fn pass_one(
     // initcrypt-encrypt@ after the first) costs no key-volume scan.
     let keys = Keys::new(params.keyvol_timeout);
     if let Observed::Encrypted(i) = &obs {
-        if i.reencrypt_pending && direction == Direction::Encrypt {
-            return resume_luks2(v, &keys, params.keyvol_timeout);
+        if i.reencrypt_pending {
+            resume_luks2(v, &keys, params.keyvol_timeout)?;
+            if direction == Direction::Encrypt {
+                return Ok(());
+            }
+            // Decrypt what is now wholly encrypted; observe again rather than assume.
+            let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
+            let obs = observe(v, &loc)?;
+            drop(loc);
+            match obs {
+                Observed::Encrypted(ref i) if !i.reencrypt_pending => {}
+                Observed::Plaintext { .. } => {
+                    log::info!("{name} is plaintext after its reencryption; nothing to decrypt");
+                    return Ok(());
+                }
+                _ => {
+                    return Err(Error::Pass {
+                        name: name.to_string(),
+                        source: pass::Error::Unsupported {
+                            device: v.device.to_string(),
+                            why: "the volume did not settle after its reencryption; check `initcrypt status`".into(),
+                        },
+                    })
+                }
+            }
         }
     }
     run_pass(v, &keys, params.keyvol_timeout, direction, resume_at)

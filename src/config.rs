@@ -257,6 +257,8 @@ pub struct BootParams {
     pub debug: bool,
     pub ade_partuuid: Option<String>,
     pub ade_bootuuid: Option<String>,
+    /// The kernel's `root=`: a volume it names as a mapping must never be decrypted.
+    pub root: Option<String>,
 }
 
 impl BootParams {
@@ -267,6 +269,7 @@ impl BootParams {
             debug: false,
             ade_partuuid: None,
             ade_bootuuid: None,
+            root: None,
         };
         for word in cmdline.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -283,6 +286,7 @@ impl BootParams {
                 "rd.luks.ade.bootuuid" => {
                     p.ade_bootuuid = Some(value.trim_matches('"').to_ascii_lowercase())
                 }
+                "root" => p.root = Some(value.to_string()),
                 _ => {}
             }
         }
@@ -350,7 +354,39 @@ pub fn load(path: &Path, params: &BootParams) -> Result<Vec<Volume>, Error> {
             volumes.insert(0, ade);
         }
     }
+    for v in &mut volumes {
+        if let Some(why) = decrypt_refusal(v, params) {
+            log::error!(
+                "{}: wanted decrypted, but {why}; it stays encrypted and is opened",
+                v.name
+            );
+            v.desired = Desired::Encrypted;
+        }
+    }
     Ok(volumes)
+}
+
+/// Why a volume wanted decrypted must stay encrypted, if it must. Decrypting an OS volume while
+/// `root=` names its mapping leaves a VM whose root never appears (the command line changes first,
+/// then the disk); a header on the disk itself cannot be decrypted in place by initcrypt. Either
+/// way the volume is treated as wanted encrypted, so every boot path opens it.
+fn decrypt_refusal(v: &Volume, params: &BootParams) -> Option<String> {
+    if v.desired != Desired::Decrypted {
+        return None;
+    }
+    if matches!(v.header, Header::Attached) {
+        return Some("its LUKS header is on the disk and initcrypt decrypts in place only volumes with a detached header; decrypt it offline with `cryptsetup reencrypt --decrypt`".into());
+    }
+    let root = params.root.as_deref()?;
+    let names_mapping = [
+        format!("/dev/mapper/{}", v.name),
+        format!("/dev/disk/by-id/dm-name-{}", v.name),
+    ]
+    .iter()
+    .any(|m| m == root);
+    (v.role == Role::Os && names_mapping).then(|| {
+        format!("the kernel command line boots root={root}, which no longer exists once it is decrypted; point root= at the filesystem (root=UUID=…) first")
+    })
 }
 
 #[cfg(test)]
@@ -435,5 +471,39 @@ mod tests {
             .unwrap()
             .ade_volume()
             .is_err());
+    }
+
+    /// A volume is decrypted only when nothing still needs its mapping or its on-disk header.
+    #[test]
+    fn decryption_refused_while_root_names_the_mapping_or_the_header_is_attached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volumes.json");
+        let all_decrypted = GOOD.replace("\"desired\":\"encrypted\"", "\"desired\":\"decrypted\"");
+        std::fs::write(&path, all_decrypted).unwrap();
+        let desired = |cmdline: &str| -> Vec<Desired> {
+            let params = BootParams::parse(cmdline).unwrap();
+            load(&path, &params)
+                .unwrap()
+                .iter()
+                .map(|v| v.desired)
+                .collect()
+        };
+        // data0_1 has its header on the disk: never decrypted in place
+        assert_eq!(
+            desired("root=UUID=1234 ro"),
+            [Desired::Decrypted, Desired::Encrypted]
+        );
+        for root in ["/dev/mapper/osencrypt", "/dev/disk/by-id/dm-name-osencrypt"] {
+            assert_eq!(
+                desired(&format!("root={root} ro")),
+                [Desired::Encrypted, Desired::Encrypted],
+                "root={root}"
+            );
+        }
+        // another mapping's name is not this volume's
+        assert_eq!(
+            desired("root=/dev/mapper/osencrypt2"),
+            [Desired::Decrypted, Desired::Encrypted]
+        );
     }
 }

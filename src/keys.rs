@@ -111,7 +111,9 @@ pub fn write_all(config_path: &Path, params: &BootParams) -> Result<(), Error> {
     let keyvols = match keyvol::find(params.keyvol_timeout) {
         Ok(k) => k,
         Err(e) if !has_os => {
-            log::error!("{e} (only data volumes are configured: the OS boots, they stay closed)");
+            log::error!(
+                "{e} (only data volumes need a key in the initrd: the OS boots, they stay closed)"
+            );
             return Ok(());
         }
         Err(e) => return Err(e.into()),
