@@ -124,14 +124,16 @@ fn crypttab_lines_become_stock_units_with_our_ordering() {
         !data_dropin.contains("initcrypt-keys-cleanup"),
         "{data_dropin}"
     );
-    // dracut's initqueue must not time out on the root while the OS pass runs.
+    // dracut's initqueue must not time out on the root while the OS pass runs, nor while the data
+    // passes run that the OS header's mount (and so the OS open) waits for.
     let iq = read(
         &g.normal
             .join("dracut-initqueue.service.d/50-initcrypt.conf"),
     );
     assert!(
-        iq.lines()
-            .any(|l| l == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service"),
+        iq.lines().any(|l| l
+            == "After=initcrypt-keys.service initcrypt-encrypt@osencrypt.service \
+                initcrypt-encrypt-data@data\\x2d0\\x2d1.service initcrypt-decrypt-data@scratch.service"),
         "{iq}"
     );
     // root=UUID= names a filesystem the pass moves behind the mapping during this boot: the root is
@@ -333,6 +335,42 @@ fn a_crypttab_line_for_a_managed_volume_is_shadowed() {
     assert!(g
         .normal
         .join("systemd-cryptsetup@osencrypt.service.d/50-initcrypt.conf")
+        .exists());
+}
+
+/// A line in the image's /etc/crypttab for a volume wanted decrypted would make a stock unit that
+/// races the decryption, then fails on plaintext at every boot: it is skipped by a condition that
+/// never holds (and `systemd-analyze condition` agrees that it never holds).
+#[test]
+fn a_crypttab_line_for_a_volume_wanted_decrypted_is_skipped() {
+    let g = generate(
+        VOLUMES,
+        "",
+        "scratch PARTUUID=77-02 /mnt/azure_bek_disk/LinuxPassPhraseFileName_0_2 luks,header=/boot/luks/scratch.hdr\n",
+    );
+    let dropin = read(
+        &g.normal
+            .join("systemd-cryptsetup@scratch.service.d/50-initcrypt.conf"),
+    );
+    for want in [
+        "After=initcrypt-decrypt-data@scratch.service",
+        "ConditionPathExists=!/",
+    ] {
+        assert!(
+            dropin.lines().any(|l| l == want),
+            "{want} missing: {dropin}"
+        );
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["condition", "ConditionPathExists=!/"])
+        .output()
+        .expect("systemd-analyze (package systemd) is installed by scripts/setup");
+    assert!(!out.status.success(), "{out:?}");
+    // Without a line of its own, a decrypted volume gets no drop-in for a unit that does not exist.
+    let g = generate(VOLUMES, "", "");
+    assert!(!g
+        .normal
+        .join("systemd-cryptsetup@scratch.service.d")
         .exists());
 }
 
