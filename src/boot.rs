@@ -269,8 +269,8 @@ enum Step {
     ResumeLuks2Reencryption,
 }
 
-fn next_step(v: &Volume, obs: Observed) -> Step {
-    match (obs, v.desired) {
+fn next_step(want: Desired, obs: Observed) -> Step {
+    match (obs, want) {
         (Observed::Open { .. }, _) | (Observed::Plaintext { .. }, Desired::Decrypted) => Step::Done,
         (Observed::Plaintext { .. }, Desired::Encrypted) => Step::Pass {
             direction: Direction::Encrypt,
@@ -302,29 +302,44 @@ fn next_step(v: &Volume, obs: Observed) -> Step {
     }
 }
 
-/// Reconcile one volume: observe, act, observe again, until it is open or needs nothing. Bounded:
-/// a volume needs at most an unfinished pass finished, a new pass, and the open.
-fn reconcile(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
-    if let Some(dm) = blockdev::mapping_active(&v.name) {
-        log::info!("{} is already open ({dm})", v.name);
-        return Ok(());
-    }
+/// Where `converge` left a volume.
+enum Settled {
+    /// Plaintext as wanted, or its mapping is open.
+    Done,
+    /// Encrypted as wanted, ready to open (its boot partition still mounted read-only).
+    Encrypted { loc: Located, info: Info },
+}
+
+/// Observe, act, observe again, until the disk has the form `want`; never opens it. Bounded: a
+/// volume needs at most an unfinished pass finished, a LUKS2 reencryption finished and a new pass.
+/// Also says whether anything was done. The boot and `encrypt`/`decrypt <name>` (the systemd pass
+/// units) share it, so an unfinished pass is finished the same way whichever runs.
+fn converge(
+    v: &Volume,
+    want: Desired,
+    keys: &Keys,
+    timeout: Duration,
+) -> Result<(Settled, bool), Error> {
+    let mut acted = false;
     for _ in 0..4 {
         let loc = locate(v, timeout, Access::ReadOnly)?;
-        let step = next_step(v, observe(v, &loc)?);
-        if let Step::Open(info) = &step {
-            return open(v, &loc, info, keys);
-        }
-        // A pass remounts the boot partition read-write: release the read-only mount first.
-        drop(loc);
-        match step {
-            Step::Done | Step::Open(_) => return Ok(()),
+        // A pass remounts the boot partition read-write: the read-only mount goes first.
+        match next_step(want, observe(v, &loc)?) {
+            Step::Done => return Ok((Settled::Done, acted)),
+            Step::Open(info) => return Ok((Settled::Encrypted { loc, info }, acted)),
             Step::Pass {
                 direction,
                 resume_at,
-            } => run_pass(v, keys, timeout, direction, resume_at)?,
-            Step::ResumeLuks2Reencryption => resume_luks2(v, keys, timeout)?,
+            } => {
+                drop(loc);
+                run_pass(v, keys, timeout, direction, resume_at)?;
+            }
+            Step::ResumeLuks2Reencryption => {
+                drop(loc);
+                resume_luks2(v, keys, timeout)?;
+            }
         }
+        acted = true;
     }
     Err(Error::Pass {
         name: v.name.clone(),
@@ -333,6 +348,18 @@ fn reconcile(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
             why: "the volume did not settle after its pass; check `initcrypt status`".into(),
         },
     })
+}
+
+/// Reconcile one volume with its desired state, then open it if it is to be encrypted.
+fn reconcile(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
+    if let Some(dm) = blockdev::mapping_active(&v.name) {
+        log::info!("{} is already open ({dm})", v.name);
+        return Ok(());
+    }
+    match converge(v, v.desired, keys, timeout)? {
+        (Settled::Encrypted { loc, info }, _) => open(v, &loc, &info, keys),
+        (Settled::Done, _) => Ok(()),
+    }
 }
 
 /// Run (or resume) our in-place pass with the boot partition mounted read-write.
@@ -453,8 +480,9 @@ fn open(v: &Volume, loc: &Located, info: &Info, keys: &Keys) -> Result<(), Error
     Ok(())
 }
 
-/// `initcrypt encrypt <name>` / `decrypt <name>`: run (or resume) the pass of one configured
-/// volume now, whatever its desired state says, leaving the mapping closed. Offline only: the device
+/// `initcrypt encrypt <name>` / `decrypt <name>`: bring one configured volume to that form now,
+/// whatever its desired state says (an unfinished pass or LUKS2 reencryption is finished first),
+/// leaving the mapping closed. Offline only: the device
 /// must not be mounted or held (run it from the initramfs or on a data disk nothing uses).
 pub fn pass_one(
     config_path: &Path,
@@ -485,64 +513,25 @@ pub fn pass_one(
             what: format!("open as /dev/mapper/{}", v.name),
         });
     }
-    let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
-    let obs = observe(v, &loc)?;
-    drop(loc);
-    let resume_at = match obs {
-        Observed::Unfinished { done, total, .. } => Some((done, total)),
-        _ => None,
+    let want = match direction {
+        Direction::Encrypt => Desired::Encrypted,
+        Direction::Decrypt => Desired::Decrypted,
     };
-    // An unfinished LUKS2 reencryption (ADE's online flow) is encrypted only in part: finish it.
-    let nothing_to_do = matches!(
-        (&obs, direction),
-        (Observed::Encrypted(i), Direction::Encrypt) if !i.reencrypt_pending
-    ) || matches!(
-        (&obs, direction),
-        (Observed::Plaintext { .. }, Direction::Decrypt)
-    );
-    if nothing_to_do {
+    // Only a pass needs the key: a volume already in the wanted state (every boot of
+    // initcrypt-encrypt@ after the first) costs no key-volume scan.
+    let keys = Keys::new(params.keyvol_timeout);
+    let (_, acted) = converge(v, want, &keys, params.keyvol_timeout)?;
+    if !acted {
         log::info!(
             "{name} is already {}; nothing to do",
-            if direction == Direction::Encrypt {
+            if want == Desired::Encrypted {
                 "encrypted"
             } else {
                 "decrypted"
             }
         );
-        return Ok(());
     }
-    // Only a pass needs the key: a volume already in the wanted state (every boot of
-    // initcrypt-encrypt@ after the first) costs no key-volume scan.
-    let keys = Keys::new(params.keyvol_timeout);
-    if let Observed::Encrypted(i) = &obs {
-        if i.reencrypt_pending {
-            resume_luks2(v, &keys, params.keyvol_timeout)?;
-            if direction == Direction::Encrypt {
-                return Ok(());
-            }
-            // Decrypt what is now wholly encrypted; observe again rather than assume.
-            let loc = locate(v, params.keyvol_timeout, Access::ReadOnly)?;
-            let obs = observe(v, &loc)?;
-            drop(loc);
-            match obs {
-                Observed::Encrypted(ref i) if !i.reencrypt_pending => {}
-                Observed::Plaintext { .. } => {
-                    log::info!("{name} is plaintext after its reencryption; nothing to decrypt");
-                    return Ok(());
-                }
-                _ => {
-                    return Err(Error::Pass {
-                        name: name.to_string(),
-                        source: pass::Error::Unsupported {
-                            device: v.device.to_string(),
-                            why: "the volume did not settle after its reencryption; check `initcrypt status`".into(),
-                        },
-                    })
-                }
-            }
-        }
-    }
-    run_pass(v, &keys, params.keyvol_timeout, direction, resume_at)
+    Ok(())
 }
 
 /// `initcrypt boot`: keys + reconcile + open every volume. Every volume is tried; the exit code is
