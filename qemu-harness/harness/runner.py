@@ -1,7 +1,6 @@
 """One scenario end to end: build disks, build the overlay initramfs, boot, check. Artifacts in
 target/qemu/<scenario>/: serial.log (+ serial.times with host timestamps), the disk images, keys/, result.json."""
 
-import hashlib
 import json
 import random
 import re
@@ -70,24 +69,6 @@ def build_overlay(scn: Scenario, out: Path, binary: Binary, facts: dict, keys: d
     initramfs.pack_cpio(root, overlay, skip_top_symlinks=True)
     shutil.rmtree(root)
     return overlay
-
-
-def partition_hashes(image: Path, facts: dict) -> dict:
-    """sha256 of the boot and root partitions of an ade-os/plain-os image (empty for other disks): says which one
-    changed when an `unchanged` check fails."""
-    out = {}
-    for part in ("boot", "root"):
-        off, size = facts.get(f"{part}_offset"), facts.get(f"{part}_size")
-        if off is None or size is None:
-            continue
-        h, left = hashlib.sha256(), int(size)
-        with open(image, "rb") as f:
-            f.seek(int(off))
-            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-                h.update(chunk)
-                left -= len(chunk)
-        out[part] = h.hexdigest()
-    return out
 
 
 def build_real_initrd(scn: Scenario, out: Path, prep: Prepared, binary: Binary, facts: dict,
@@ -212,7 +193,7 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
         for name, sha in sha_before.items():
             facts[name]["image_sha256"] = sha
         watched = [d for d, c in scn.expect_disk.items() if c.get("unchanged")]
-        parts_before = {d: partition_hashes(images[d], facts[d]) for d in watched}
+        parts_before = {d: diskcheck.partition_hashes(images[d], facts[d]) for d in watched}
         if scn.real_initramfs:
             initrd = build_real_initrd(scn, out, prep, binary, facts, keys)
         else:
@@ -237,7 +218,7 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
         failures += check.check(scn, transcript, facts, guest_facts, sha_before, sha_after, result)
         for d in watched:
             if sha_before[d] != sha_after[d] and parts_before[d]:
-                after = partition_hashes(images[d], facts[d])
+                after = diskcheck.partition_hashes(images[d], facts[d])
                 changed = [p for p in after if after[p] != parts_before[d][p]]
                 failures.append(f"disk {d}: changed partition(s): {', '.join(changed) or 'none (outside them)'}")
         failures += check.check_lines(scn, raw)
