@@ -2,6 +2,7 @@
 
 pub mod blockdev;
 pub mod boot;
+pub mod bytes;
 pub mod config;
 pub mod exit;
 mod ffi;

@@ -313,6 +313,46 @@ pub fn partuuid_of(dev: &BlockDev, devs: &[BlockDev]) -> Option<String> {
         .map(|p| p.uuid)
 }
 
+/// Length of an open block device or file: seeking to its end works for both (a block device's
+/// metadata length is 0).
+pub fn device_len(f: &fs::File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(len)
+}
+
+/// The physical block size of the disk holding the device or image at `path`: a write of that
+/// size is atomic (a larger crypt sector could be torn by a power cut). Image files count as 4096
+/// (page-sized writes); anything unreadable counts as 512, the safe floor.
+pub fn physical_block_size_of(path: &Path) -> u64 {
+    let Ok(real) = fs::canonicalize(path) else {
+        return 512;
+    };
+    let is_block = fs::metadata(&real)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    if !is_block {
+        return 4096;
+    }
+    let Some(name) = real.file_name().and_then(|n| n.to_str()) else {
+        return 512;
+    };
+    let sys = Path::new(SYS_BLOCK).join(name);
+    let disk = fs::canonicalize(&sys)
+        .ok()
+        .and_then(|p| {
+            if sys.join("partition").exists() {
+                p.parent().map(Path::to_path_buf)
+            } else {
+                Some(p)
+            }
+        })
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    disk.map(|d| physical_block_size(&d)).unwrap_or(512)
+}
+
 /// Logical sector size of a disk (GPT's LBA unit).
 pub fn logical_block_size(disk: &str) -> u64 {
     fs::read_to_string(

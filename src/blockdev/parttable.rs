@@ -29,23 +29,15 @@ fn read_at<R: Read + Seek>(r: &mut R, offset: u64, buf: &mut [u8]) -> io::Result
     r.read_exact(buf)
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+use crate::bytes::{le16, le32, le64};
 
 /// GUIDs are stored mixed-endian: the first three fields little-endian, the rest as bytes.
 pub fn guid_string(g: &[u8]) -> String {
     format!(
         "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
         le32(g, 0),
-        u16::from_le_bytes([g[4], g[5]]),
-        u16::from_le_bytes([g[6], g[7]]),
+        le16(g, 4),
+        le16(g, 6),
         g[8],
         g[9],
         g[10],
@@ -76,7 +68,7 @@ pub fn partitions_of<R: Read + Seek>(r: &mut R, lbs: u64) -> io::Result<Vec<Part
     if looks_like_fat_boot_sector(&mbr) {
         return Ok(Vec::new());
     }
-    mbr_partitions(r, &mbr)
+    mbr_partitions(r, &mbr, lbs)
 }
 
 /// A partitionless FAT volume also ends in 55 AA; its jump instruction and BPB tell it apart, as the
@@ -131,7 +123,12 @@ fn is_extended(t: u8) -> bool {
     matches!(t, 0x05 | 0x0F | 0x85)
 }
 
-fn mbr_partitions<R: Read + Seek>(r: &mut R, mbr: &[u8; 512]) -> io::Result<Vec<Partition>> {
+/// MBR addresses count logical sectors: 512 bytes on most disks, 4096 on 4Kn ones.
+fn mbr_partitions<R: Read + Seek>(
+    r: &mut R,
+    mbr: &[u8; 512],
+    lbs: u64,
+) -> io::Result<Vec<Partition>> {
     let sig = le32(mbr, 440);
     let mut parts = Vec::new();
     let mut extended = None;
@@ -144,19 +141,19 @@ fn mbr_partitions<R: Read + Seek>(r: &mut R, mbr: &[u8; 512]) -> io::Result<Vec<
         if is_extended(t) {
             extended = Some(start);
         }
-        parts.push(mbr_part(sig, i as u32 + 1, start, len));
+        parts.push(mbr_part(sig, i as u32 + 1, start, len, lbs));
     }
     if let Some(ext) = extended {
-        logical_partitions(r, sig, ext, &mut parts)?;
+        logical_partitions(r, sig, ext, lbs, &mut parts)?;
     }
     Ok(parts)
 }
 
-fn mbr_part(sig: u32, number: u32, start: u64, len: u64) -> Partition {
+fn mbr_part(sig: u32, number: u32, start: u64, len: u64, lbs: u64) -> Partition {
     Partition {
         number,
-        start: start * 512,
-        size: len * 512,
+        start: start.saturating_mul(lbs),
+        size: len.saturating_mul(lbs),
         uuid: format!("{sig:08x}-{number:02x}"),
         kind: TableKind::Mbr,
     }
@@ -167,23 +164,25 @@ fn logical_partitions<R: Read + Seek>(
     r: &mut R,
     sig: u32,
     ext: u64,
+    lbs: u64,
     parts: &mut Vec<Partition>,
 ) -> io::Result<()> {
     let mut ebr_at = ext;
     for n in 0..MAX_LOGICAL {
         let mut ebr = [0u8; 512];
-        if read_at(r, ebr_at * 512, &mut ebr).is_err() || ebr[510] != 0x55 || ebr[511] != 0xAA {
+        let at = ebr_at.saturating_mul(lbs);
+        if read_at(r, at, &mut ebr).is_err() || ebr[510] != 0x55 || ebr[511] != 0xAA {
             break;
         }
         let (start, len) = (le32(&ebr, 446 + 8) as u64, le32(&ebr, 446 + 12) as u64);
         if len > 0 {
-            parts.push(mbr_part(sig, 5 + n, ebr_at + start, len));
+            parts.push(mbr_part(sig, 5 + n, ebr_at.saturating_add(start), len, lbs));
         }
         let next = le32(&ebr, 462 + 8) as u64;
         if next == 0 {
             break;
         }
-        ebr_at = ext + next;
+        ebr_at = ext.saturating_add(next);
     }
     Ok(())
 }
@@ -281,5 +280,24 @@ mod tests {
         }
         let parts = partitions_of(&mut Cursor::new(d), 512).unwrap();
         assert_eq!(parts.len(), 1 + MAX_LOGICAL as usize);
+    }
+
+    #[test]
+    fn mbr_addresses_count_logical_sectors() {
+        // One primary partition at LBA 256, 1024 sectors long, signature 0x11223344.
+        let mut disk = vec![0u8; 8192];
+        disk[440..444].copy_from_slice(&0x1122_3344u32.to_le_bytes());
+        let e = 446;
+        disk[e + 4] = 0x83;
+        disk[e + 8..e + 12].copy_from_slice(&256u32.to_le_bytes());
+        disk[e + 12..e + 16].copy_from_slice(&1024u32.to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xAA;
+        for lbs in [512u64, 4096] {
+            let parts = partitions_of(&mut Cursor::new(disk.clone()), lbs).unwrap();
+            assert_eq!(parts.len(), 1);
+            assert_eq!((parts[0].start, parts[0].size), (256 * lbs, 1024 * lbs));
+            assert_eq!(parts[0].uuid, "11223344-01");
+        }
     }
 }
