@@ -80,6 +80,9 @@ pub struct DataParams {
     pub data_offset: u64,
     pub iv_offset: u64,
     pub uuid: String,
+    /// Bytes the data segment covers: `None` for LUKS2's `dynamic` (up to the device's end, in
+    /// whole sectors) and for LUKS1; `Some` for a fixed segment (`--device-size`).
+    pub segment_size: Option<u64>,
 }
 
 /// How a new header protects its keyslot. The default suits ADE's 127-random-byte passphrases:
@@ -246,6 +249,15 @@ impl LuksVolume {
                 .get_uuid()
                 .map(|u| u.to_string())
                 .map_err(lib("reading the UUID"))?,
+            segment_size: None,
+        };
+        let params = DataParams {
+            segment_size: segment_size(&mut dev).map_err(|detail| Error::Library {
+                device: self.header_name(),
+                during: "reading the data segment",
+                detail,
+            })?,
+            ..params
         };
         Ok((vk, params))
     }
@@ -380,5 +392,28 @@ impl LuksVolume {
                 ),
             },
         }
+    }
+}
+
+/// The size of the default (first) data segment of a LUKS2 header: `None` when `dynamic` or when
+/// the header is LUKS1 (whose data runs to the device's end); an error when the JSON says
+/// something else than a size or `dynamic`, which a pass must not guess at.
+fn segment_size(dev: &mut CryptDevice) -> Result<Option<u64>, String> {
+    if !matches!(dev.format_handle().get_type(), Ok(EncryptionFormat::Luks2)) {
+        return Ok(None);
+    }
+    let json = dev.status_handle().dump_json().map_err(|e| e.to_string())?;
+    let size = json
+        .get("segments")
+        .and_then(|s| s.get("0"))
+        .and_then(|s| s.get("size"))
+        .and_then(|s| s.as_str())
+        .ok_or("the header has no segment 0 with a size")?;
+    match size {
+        "dynamic" => Ok(None),
+        n => n
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| format!("segment 0 size {n:?} is neither dynamic nor a number")),
     }
 }

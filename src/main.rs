@@ -112,6 +112,11 @@ struct EncryptImageCmd {
     #[argh(option, default = "initcrypt::luks::MIN_PBKDF2_ITERATIONS")]
     /// PBKDF2 iterations for the keyslot (default: the minimum, right for random keys)
     pbkdf2_iterations: u32,
+    #[argh(switch)]
+    /// the device holds raw data with no filesystem signature: encrypt it anyway (without this, a
+    /// device that shows no filesystem is refused, because a pass whose journal and header were
+    /// lost leaves it looking so)
+    raw: bool,
 }
 
 /// decrypt an image or device in place with explicit paths, then drop its header; rerun to resume
@@ -251,31 +256,34 @@ fn read_key_file(path: &Path) -> Result<Secret, Failure> {
     Ok(Secret::new(Zeroizing::new(bytes)))
 }
 
-fn image_pass(
-    device: &Path,
-    header: &Path,
-    key_file: &Path,
-    journal: Option<&Path>,
+/// What `encrypt-image` / `decrypt-image` were asked to do.
+struct ImagePass<'a> {
+    device: &'a Path,
+    header: &'a Path,
+    key_file: &'a Path,
+    journal: Option<&'a Path>,
     sector_size: Option<u32>,
     pbkdf2_iterations: u32,
-    dir: Direction,
-) -> Result<(), Failure> {
-    let key = read_key_file(key_file)?;
-    let identity = std::fs::canonicalize(device)
-        .unwrap_or_else(|_| device.to_path_buf())
+    raw: bool,
+}
+
+fn image_pass(p: &ImagePass, dir: Direction) -> Result<(), Failure> {
+    let key = read_key_file(p.key_file)?;
+    let identity = std::fs::canonicalize(p.device)
+        .unwrap_or_else(|_| p.device.to_path_buf())
         .display()
         .to_string();
-    let req = pass::Request {
-        device,
-        paths: pass::Paths::for_header(header).with_journal(journal),
-        key: &key,
-        key_name: &key_file.display().to_string(),
-        identity,
-        sector_size,
-        pbkdf2_iterations,
-        stop: pass::stop_on_signals(),
-    };
-    let name = device
+    let key_name = p.key_file.display().to_string();
+    let mut req = pass::Request::new(p.device, p.header, &key, &key_name, identity);
+    req.paths = req.paths.with_journal(p.journal);
+    req.sector_size = p.sector_size;
+    req.pbkdf2_iterations = p.pbkdf2_iterations;
+    req.stop = pass::stop_on_signals();
+    if p.raw {
+        req.expect = pass::Expect::Raw;
+    }
+    let name = p
+        .device
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -285,17 +293,17 @@ fn image_pass(
         Direction::Encrypt => pass::encrypt(&req, &mut report)?,
         Direction::Decrypt => pass::decrypt(&req, &mut report)?,
     };
-    let verb = if dir == Direction::Encrypt {
-        "encrypted"
-    } else {
-        "decrypted"
-    };
     if outcome.already_done {
-        log::info!("{} is already {verb}; nothing to do", device.display());
+        log::info!(
+            "{} is already {}ed; nothing to do",
+            p.device.display(),
+            dir.verb()
+        );
     } else {
         log::info!(
-            "{verb} {} in place{}",
-            device.display(),
+            "{}ed {} in place{}",
+            dir.verb(),
+            p.device.display(),
             if outcome.resumed { " (resumed)" } else { "" }
         );
     }
@@ -315,21 +323,27 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
         Cmd::Encrypt(e) if e.online => not_yet("encrypt --online")?,
         Cmd::Encrypt(e) => boot::pass_one(cfg, params, &e.name, Direction::Encrypt)?,
         Cmd::EncryptImage(c) => image_pass(
-            &c.device,
-            &c.header,
-            &c.key_file,
-            c.journal.as_deref(),
-            c.sector_size,
-            c.pbkdf2_iterations,
+            &ImagePass {
+                device: &c.device,
+                header: &c.header,
+                key_file: &c.key_file,
+                journal: c.journal.as_deref(),
+                sector_size: c.sector_size,
+                pbkdf2_iterations: c.pbkdf2_iterations,
+                raw: c.raw,
+            },
             Direction::Encrypt,
         )?,
         Cmd::DecryptImage(c) => image_pass(
-            &c.device,
-            &c.header,
-            &c.key_file,
-            c.journal.as_deref(),
-            None,
-            0,
+            &ImagePass {
+                device: &c.device,
+                header: &c.header,
+                key_file: &c.key_file,
+                journal: c.journal.as_deref(),
+                sector_size: None,
+                pbkdf2_iterations: 0,
+                raw: false,
+            },
             Direction::Decrypt,
         )?,
         Cmd::Decrypt(d) => boot::pass_one(cfg, params, &d.name, Direction::Decrypt)?,

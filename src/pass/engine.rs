@@ -1,45 +1,55 @@
-//! The pipelined pass: read → hash + transform on all cores → journal record → write → flush.
+//! The pipelined pass: read → hash + transform on all cores → journal record → write, with the
+//! device flushed once every `SLOTS` chunks.
 //!
 //! # Invariant
-//! Let record R = (offset, len, hashes) be the newest durable journal record. Then every byte
-//! before `offset` holds the target form (ciphertext when encrypting), every byte from
-//! `offset + len` on holds the source form, and each sector in `[offset, offset + len)` is wholly
-//! source or wholly target. It holds because
-//! 1. the record for a chunk is durable (written, fdatasync'd) before any byte of that chunk is
-//!    written, and it hashes every source sector of the chunk;
-//! 2. records live in a ring of `SLOTS` slots and the device is flushed before a slot is reused
-//!    (record n is written only once chunk n−SLOTS is durable), so every chunk that may be in flight
-//!    still has its record in the ring; a torn record write only destroys the record of a chunk that
-//!    was already durable;
-//! 3. sectors are never larger than the device's physical block size, so a sector write is atomic.
+//! Chunks are visited in the order of `plan`. Let R be the newest durable journal record and D the
+//! `durable` it carries. Then every chunk visited before R's chunk holds the target form
+//! (ciphertext when encrypting) *once the device's cache reaches stable storage*, every chunk of a
+//! record with seq ≤ D is there already, every chunk visited after R's is untouched, and each
+//! sector of a chunk whose record is newer than D is wholly source or wholly target on stable
+//! storage. It holds on a device with a volatile write cache that may lose, tear (at sector
+//! granularity) or reorder any write not yet flushed, because
+//! 1. a chunk's record is written and flushed (FLUSH journal-record) before any byte of the chunk
+//!    is written, and it hashes every source sector of the chunk;
+//! 2. records live in a ring of `SLOTS` slots and the device is flushed (FLUSH ring) before a slot
+//!    is reused, i.e. record n is written only after chunk n−SLOTS is durable: every chunk that may
+//!    still sit in the cache has its record in the ring, and D is exactly the last flush;
+//! 3. sectors are never larger than the device's physical block size, so a sector reaches stable
+//!    storage whole or not at all.
+//!
+//! Up to `SLOTS` chunks are in flight between two flushes; the journal flush of each record is
+//! a small write. After the last chunk the device is flushed (FLUSH final) and a final record says
+//! so, after which nothing needs the key or a re-read to finish.
 //!
 //! # Recovery
-//! For each record of W, oldest first, and each sector of its chunk: if its hash equals the recorded
-//! source hash it is still source and is transformed; else if the *inverse* transform of it hashes to
-//! the recorded value it is already target; else the device changed under the pass and we stop
-//! without writing (exit 7). Chunks are classified before anything is rewritten, rewritten whole
-//! (rewriting target sectors with the same bytes is harmless) and flushed; the pass continues after
-//! the newest record's chunk with the next seq. No record is written during recovery, so a crash
-//! during recovery is recovered the same way.
+//! For each record newer than D, oldest first, and each sector of its chunk: if its hash equals the
+//! recorded source hash it is still source and is transformed; else if the *inverse* transform of
+//! it hashes to the recorded value it is already target; else the device changed under the pass
+//! and we stop without writing (exit 7). Chunks are classified before anything is rewritten,
+//! rewritten whole (rewriting target sectors with the same bytes is harmless) and flushed
+//! (FLUSH recovery); the pass continues after R's chunk with the next seq. No record is written
+//! during recovery, so a crash during recovery is recovered the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use xxhash_rust::xxh3::xxh3_128;
+use zeroize::Zeroizing;
 
 use super::device::{AlignedBuf, Device};
-use super::journal::{Direction, Journal, Record, HASH_LEN, SLOTS};
+use super::journal::{Journal, Record, HASH_LEN, SLOTS};
+use super::plan::Plan;
 use super::xts::Xts;
-use super::Error;
+use super::{Direction, Error};
 
-/// Chunks in flight at once: one being read, one being transformed, one being written.
+/// Chunks in memory at once: one being read, one being transformed, one being written.
 pub const BUFFERS: usize = 3;
 
 pub struct Engine<'a> {
     pub dev: &'a dyn Device,
     pub journal: &'a Journal,
     pub xts: &'a Xts,
+    pub plan: Plan,
     pub stop: Arc<AtomicBool>,
     pub progress: &'a mut dyn FnMut(u64, u64),
 }
@@ -48,8 +58,21 @@ type Hash = [u8; HASH_LEN];
 /// A transformed chunk on its way to the writer: offset, length, buffer, source-sector hashes.
 type Crypted = Result<(u64, u64, AlignedBuf, Vec<Hash>), Error>;
 
-fn hash(sector: &[u8]) -> Hash {
-    xxh3_128(sector).to_le_bytes()
+/// Where a pass continues after recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Position in the plan of the next chunk.
+    pub index: u64,
+    /// Next record number.
+    pub seq: u64,
+    /// Newest record whose chunk is known durable.
+    pub durable: u64,
+    /// The journal's final record is there: every chunk is durable.
+    pub finished: bool,
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
 }
 
 fn forward(dir: Direction) -> bool {
@@ -57,7 +80,13 @@ fn forward(dir: Direction) -> bool {
 }
 
 /// Hash each source sector, then transform it in place, splitting the chunk across all cores.
-fn hash_and_transform(xts: &Xts, buf: &mut [u8], offset: u64, encrypt: bool) -> Vec<Hash> {
+fn hash_and_transform(
+    journal: &Journal,
+    xts: &Xts,
+    buf: &mut [u8],
+    offset: u64,
+    encrypt: bool,
+) -> Vec<Hash> {
     let ss = xts.sector_size();
     let sectors = buf.len() / ss;
     let mut hashes = vec![[0u8; HASH_LEN]; sectors];
@@ -74,7 +103,7 @@ fn hash_and_transform(xts: &Xts, buf: &mut [u8], offset: u64, encrypt: bool) -> 
         {
             s.spawn(move || {
                 for (sector, h) in data.chunks_exact(ss).zip(hs.iter_mut()) {
-                    *h = hash(sector);
+                    *h = journal.hash(sector);
                 }
                 xts.run(data, offset + (i * per * ss) as u64, encrypt);
             });
@@ -84,24 +113,45 @@ fn hash_and_transform(xts: &Xts, buf: &mut [u8], offset: u64, encrypt: bool) -> 
 }
 
 impl Engine<'_> {
-    /// Bring every chunk of the journal's window to target form (see Recovery above), then flush.
-    pub fn recover(&mut self, window: &[Record]) -> Result<(), Error> {
-        let mut fixed = Vec::with_capacity(window.len());
-        for rec in window {
+    /// Bring every chunk that may be in flight to target form (see Recovery above), flush, and
+    /// say where the pass continues.
+    pub fn recover(&mut self, window: &[Record]) -> Result<Resume, Error> {
+        let Some(newest) = window.last() else {
+            return Ok(Resume {
+                index: 0,
+                seq: 1,
+                durable: 0,
+                finished: false,
+            });
+        };
+        if newest.is_done(&self.journal.sb) {
+            return Ok(Resume {
+                index: self.plan.count(),
+                seq: newest.seq + 1,
+                durable: newest.seq,
+                finished: true,
+            });
+        }
+        let pending: Vec<&Record> = window.iter().filter(|r| r.seq > newest.durable).collect();
+        let mut fixed = Vec::with_capacity(pending.len());
+        for rec in &pending {
             fixed.push(self.classify(rec)?);
         }
-        for (rec, buf) in window.iter().zip(fixed) {
+        for (rec, buf) in pending.iter().zip(fixed) {
             if let Some(buf) = buf {
-                let data = buf.slice(rec.len as usize);
-                self.dev.write_at(data, rec.offset).map_err(|e| Error::Io {
-                    what: "rewriting an in-flight chunk",
-                    source: e,
-                })?;
+                self.dev
+                    .write_at(buf.slice(rec.len as usize), rec.offset)
+                    .map_err(io("rewriting an in-flight chunk"))?;
             }
         }
-        self.dev.sync().map_err(|e| Error::Io {
-            what: "flushing the device",
-            source: e,
+        // The rewritten chunks are durable before the ring moves on past their records.
+        self.dev.sync().map_err(io("flushing the device"))?; // FLUSH(recovery)
+        let chunk = self.journal.sb.chunk_size;
+        Ok(Resume {
+            index: self.plan.index_of(newest.offset / chunk) + 1,
+            seq: newest.seq + 1,
+            durable: newest.seq,
+            finished: false,
         })
     }
 
@@ -110,42 +160,29 @@ impl Engine<'_> {
     fn classify(&mut self, rec: &Record) -> Result<Option<AlignedBuf>, Error> {
         let ss = self.xts.sector_size();
         let enc = forward(self.journal.sb.direction);
-        if rec.len == 0 {
-            return Ok(None);
-        }
-        if rec.len % ss as u64 != 0 || rec.hashes.len() as u64 != rec.len / ss as u64 {
-            return Err(Error::JournalCorrupt {
-                detail: "record length and hash count disagree".into(),
-                path: self.journal.path.display().to_string(),
-            });
-        }
         let mut buf = AlignedBuf::new(rec.len as usize);
         let data = buf.slice_mut(rec.len as usize);
-        self.dev.read_at(data, rec.offset).map_err(|e| Error::Io {
-            what: "reading the in-flight chunk",
-            source: e,
-        })?;
-        let mut tweaks = Vec::with_capacity(ss);
+        self.dev
+            .read_at(data, rec.offset)
+            .map_err(io("reading the in-flight chunk"))?;
+        let mut tweaks = Zeroizing::new(Vec::with_capacity(ss));
+        // Holds a plaintext sector when decrypting: wiped when dropped.
+        let mut probe = Zeroizing::new(vec![0u8; ss]);
         let (mut src, mut done) = (0usize, 0usize);
         for (i, sector) in data.chunks_exact_mut(ss).enumerate() {
-            if hash(sector) == rec.hashes[i] {
-                self.xts.sector(
-                    sector,
-                    Xts::iv_of(rec.offset + (i * ss) as u64),
-                    enc,
-                    &mut tweaks,
-                );
+            let iv = Xts::iv_of(rec.offset + (i * ss) as u64);
+            let recorded = rec.hashes.get(i).ok_or_else(|| Error::JournalCorrupt {
+                detail: "record has fewer hashes than sectors".into(),
+                path: self.journal.path.display().to_string(),
+            })?;
+            if self.journal.hash(sector) == *recorded {
+                self.xts.sector(sector, iv, enc, &mut tweaks);
                 src += 1;
                 continue;
             }
-            let mut probe = sector.to_vec();
-            self.xts.sector(
-                &mut probe,
-                Xts::iv_of(rec.offset + (i * ss) as u64),
-                !enc,
-                &mut tweaks,
-            );
-            if hash(&probe) != rec.hashes[i] {
+            probe.copy_from_slice(sector);
+            self.xts.sector(&mut probe, iv, !enc, &mut tweaks);
+            if self.journal.hash(&probe) != *recorded {
                 return Err(Error::Inconsistent {
                     offset: rec.offset + (i * ss) as u64,
                 });
@@ -161,9 +198,8 @@ impl Engine<'_> {
         Ok((src > 0).then_some(buf))
     }
 
-    /// Run the pass from `start` to the end of the device; `seq` is the next record number.
-    pub fn run(&mut self, start: u64, seq: u64) -> Result<u64, Error> {
-        let total = self.journal.sb.device_size;
+    /// Run the pass from `at` to the end of the plan, then flush and write the final record.
+    pub fn run(&mut self, at: Resume) -> Result<(), Error> {
         let chunk = self.journal.sb.chunk_size as usize;
         let enc = forward(self.journal.sb.direction);
         let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(BUFFERS);
@@ -171,18 +207,16 @@ impl Engine<'_> {
             let _ = pool_tx.send(AlignedBuf::new(chunk));
         }
         let (read_tx, read_rx) = sync_channel::<Result<(u64, u64, AlignedBuf), Error>>(1);
-        let (crypt_tx, crypt_rx) =
-            sync_channel::<Result<(u64, u64, AlignedBuf, Vec<Hash>), Error>>(1);
-        let offsets: Vec<u64> = (start..total).step_by(chunk).collect();
-        let xts = self.xts;
-        let dev = self.dev;
+        let (crypt_tx, crypt_rx) = sync_channel::<Crypted>(1);
+        let (xts, journal, dev, plan) = (self.xts, self.journal, self.dev, self.plan);
         let stop = self.stop.clone();
         std::thread::scope(|s| {
-            s.spawn(move || reader(dev, &offsets, chunk as u64, total, pool_rx, read_tx, &stop));
+            s.spawn(move || reader(dev, plan, at.index, pool_rx, read_tx, &stop));
             s.spawn(move || {
                 for item in read_rx {
                     let out = item.map(|(off, len, mut buf)| {
-                        let hashes = hash_and_transform(xts, buf.slice_mut(len as usize), off, enc);
+                        let slice = buf.slice_mut(len as usize);
+                        let hashes = hash_and_transform(journal, xts, slice, off, enc);
                         (off, len, buf, hashes)
                     });
                     if crypt_tx.send(out).is_err() {
@@ -193,7 +227,7 @@ impl Engine<'_> {
             // The writer owns the crypt receiver and the buffer pool sender: when it returns (done,
             // stopped or failed) they drop, which unblocks and ends the reader and crypt threads
             // before the scope joins them.
-            self.write_all(crypt_rx, pool_tx, start, seq)
+            self.write_all(crypt_rx, pool_tx, at)
         })
     }
 
@@ -201,29 +235,28 @@ impl Engine<'_> {
         &mut self,
         crypt_rx: Receiver<Crypted>,
         pool_tx: SyncSender<AlignedBuf>,
-        start: u64,
-        mut seq: u64,
-    ) -> Result<u64, Error> {
+        at: Resume,
+    ) -> Result<(), Error> {
         let total = self.journal.sb.device_size;
-        let mut next = start;
-        // Highest seq whose chunk is known durable: a ring slot is reused only after its chunk is.
-        let mut durable = seq.saturating_sub(1);
+        let plan = self.plan;
+        let mut expected = plan.walk(at.index);
+        let mut index = at.index;
+        let (mut seq, mut durable) = (at.seq, at.durable);
         for item in crypt_rx {
             let (off, len, buf, hashes) = item?;
-            if off != next {
+            if expected.next() != Some((off, len)) {
                 return Err(Error::Io {
                     what: "ordering chunks",
-                    source: std::io::Error::other(format!("chunk at {off}, expected {next}")),
+                    source: std::io::Error::other(format!("unexpected chunk at {off}")),
                 });
             }
             if self.stop.load(Ordering::SeqCst) {
-                return Err(Error::Stopped { at: off });
+                return self.stopped(plan.bytes_before(index));
             }
-            if seq > SLOTS && durable < seq - SLOTS {
-                self.dev.sync().map_err(|e| Error::Io {
-                    what: "flushing the device",
-                    source: e,
-                })?;
+            if seq > durable + SLOTS {
+                // Record `seq` reuses the slot of record seq − SLOTS, whose chunk must be durable
+                // first.
+                self.dev.sync().map_err(io("flushing the device"))?; // FLUSH(ring)
                 durable = seq - 1;
             }
             self.journal
@@ -231,62 +264,66 @@ impl Engine<'_> {
                     seq,
                     offset: off,
                     len,
+                    durable,
                     hashes,
                 })
-                .map_err(|e| Error::Io {
-                    what: "writing the journal",
-                    source: e,
-                })?;
-            seq += 1;
+                .map_err(io("writing the journal"))?;
             self.dev
                 .write_at(buf.slice(len as usize), off)
-                .map_err(|e| Error::Io {
-                    what: "writing the device",
-                    source: e,
-                })?;
-            self.dev.sync().map_err(|e| Error::Io {
-                what: "flushing the device",
-                source: e,
-            })?;
-            (self.progress)(off + len, total);
-            next = off + len;
+                .map_err(io("writing the device"))?;
+            seq += 1;
+            index += 1;
+            (self.progress)(plan.bytes_before(index), total);
             let _ = pool_tx.send(buf);
         }
         // The reader and crypt stages end early when asked to stop (or when they fail, which they
-        // report above): an empty channel is only "done" if every byte went through.
-        if next < total {
-            return Err(Error::Stopped { at: next });
+        // report above): an empty channel is only "done" if every chunk went through.
+        if index < plan.count() {
+            return self.stopped(plan.bytes_before(index));
         }
-        self.dev.sync().map_err(|e| Error::Io {
-            what: "flushing the device",
-            source: e,
-        })?;
-        Ok(seq)
+        // Every chunk is durable before the final record says so.
+        self.dev.sync().map_err(io("flushing the device"))?; // FLUSH(final)
+        self.journal
+            .write(&Record {
+                seq,
+                offset: total,
+                len: 0,
+                durable: seq - 1,
+                hashes: Vec::new(),
+            })
+            .map_err(io("writing the journal"))
+    }
+
+    /// Stop at a chunk boundary: flush what was written (not needed for safety — the records
+    /// cover it — but it shortens the next recovery) and report how far the pass got.
+    fn stopped(&self, done: u64) -> Result<(), Error> {
+        if let Err(e) = self.dev.sync() {
+            log::warn!("flushing the device before stopping: {e}");
+        }
+        Err(Error::Stopped {
+            done,
+            total: self.journal.sb.device_size,
+        })
     }
 }
 
 fn reader(
     dev: &dyn Device,
-    offsets: &[u64],
-    chunk: u64,
-    total: u64,
+    plan: Plan,
+    from: u64,
     pool: Receiver<AlignedBuf>,
     out: SyncSender<Result<(u64, u64, AlignedBuf), Error>>,
     stop: &AtomicBool,
 ) {
-    for &off in offsets {
+    for (off, len) in plan.walk(from) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(mut buf) = pool.recv() else { return };
-        let len = chunk.min(total - off);
         let item = dev
             .read_at(buf.slice_mut(len as usize), off)
             .map(|_| (off, len, buf))
-            .map_err(|e| Error::Io {
-                what: "reading the device",
-                source: e,
-            });
+            .map_err(io("reading the device"));
         let failed = item.is_err();
         if out.send(item).is_err() || failed {
             return;

@@ -70,7 +70,7 @@ fn mul_alpha(t: &mut [u8; 16]) {
 impl Xts {
     /// `key` is the LUKS volume key (32 or 64 bytes); `sector_size` 512–4096.
     pub fn new(key: &[u8], sector_size: usize) -> Option<Xts> {
-        if key.len() % 2 != 0
+        if !key.len().is_multiple_of(2)
             || !(512..=4096).contains(&sector_size)
             || !sector_size.is_power_of_two()
         {
@@ -86,6 +86,17 @@ impl Xts {
 
     pub fn sector_size(&self) -> usize {
         self.sector_size
+    }
+
+    /// A 64-bit value only the volume key's holder can compute: AES of a fixed label under the
+    /// data key (a PRF, so the value reveals nothing about the key). The journal seeds its sector
+    /// hashes with it, so the hashes it leaves on the plaintext boot partition confirm nothing
+    /// about the sectors to anyone without the key.
+    pub fn journal_seed(&self) -> u64 {
+        let mut b = Array::from(*b"initcrypt:jrnl:1");
+        self.data.encrypt_block(&mut b);
+        let b: [u8; 16] = b.into();
+        crate::bytes::le64(&b, 0)
     }
 
     /// dm-crypt's plain64 IV of the sector starting at byte `offset` of the data segment.
