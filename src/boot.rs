@@ -49,6 +49,12 @@ pub enum Error {
         device: String,
         header: String,
     },
+    #[error("{source} [the OS volume {name} is {state}: the boot stops so that nothing mounts or repairs it]")]
+    OsUnusable {
+        name: String,
+        state: &'static str,
+        source: Box<Error>,
+    },
 }
 
 impl Classify for Error {
@@ -63,6 +69,7 @@ impl Classify for Error {
             Error::Pass { source, .. } => source.exit(),
             Error::NeedsDetachedHeader { .. } => Exit::LayoutUnsupported,
             Error::NoKeyVolume { exit, .. } => *exit,
+            Error::OsUnusable { .. } => Exit::OsUnusable,
         }
     }
 }
@@ -184,6 +191,14 @@ fn observe_detached(
             total,
         }),
         pass::State::Encrypted => Ok(Observed::Encrypted(LuksVolume::new(node, Some(h)).info()?)),
+        pass::State::Stranded => {
+            let paths = pass::Paths::for_header(h);
+            Err(pass_err(pass::Error::PendingWithoutJournal {
+                device: loc.dev.name.clone(),
+                pending: paths.pending.display().to_string(),
+                journal: paths.journal.display().to_string(),
+            }))
+        }
         pass::State::Plaintext => match probe {
             Some(p) if p.fstype != "crypto_LUKS" => Ok(Observed::Plaintext {
                 fstype: Some(p.fstype),
@@ -386,30 +401,18 @@ fn run_pass(
         .ok_or_else(|| Error::NeedsDetachedHeader {
             name: v.name.clone(),
         })?;
-    let verb = if direction == Direction::Encrypt {
-        "encrypt"
-    } else {
-        "decrypt"
-    };
+    let verb = direction.verb();
     match resume_at {
         Some((done, total)) => log::info!(
             "{}: resuming the {verb}ion of {} at {}%",
             v.name,
             node.display(),
-            (done * 100).checked_div(total).unwrap_or(0)
+            percent(done, total)
         ),
         None => log::info!("{}: {verb}ing {} in place", v.name, node.display()),
     }
-    let req = pass::Request {
-        device: &node,
-        paths: pass::Paths::for_header(&header),
-        key: &key,
-        key_name: &v.key_file,
-        identity: v.device.to_string(),
-        sector_size: None,
-        pbkdf2_iterations: luks::MIN_PBKDF2_ITERATIONS,
-        stop: pass::stop_on_signals(),
-    };
+    let mut req = pass::Request::new(&node, &header, &key, &v.key_file, v.device.to_string());
+    req.stop = pass::stop_on_signals();
     let mut progress = pass::Progress::new(
         &v.name,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -428,6 +431,14 @@ fn run_pass(
     Ok(())
 }
 
+/// `done` of `total` as a whole percentage, 0–100, whatever the values (they come from disk).
+pub fn percent(done: u64, total: u64) -> u64 {
+    (done.saturating_mul(100))
+        .checked_div(total)
+        .unwrap_or(0)
+        .min(100)
+}
+
 /// Finish a LUKS2 reencryption ADE's online flow (or stock cryptsetup) left unfinished.
 fn resume_luks2(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error> {
     let key = keys.key_for(v)?;
@@ -435,12 +446,9 @@ fn resume_luks2(v: &Volume, keys: &Keys, timeout: Duration) -> Result<(), Error>
     check_not_busy(v, &loc.dev)?;
     let node = loc.dev.checked_node()?;
     let vol = LuksVolume::new(&node, loc.header.as_deref());
-    let pct = vol.reencrypted_bytes().map(|b| {
-        format!(
-            "{}%",
-            (b * 100).checked_div(loc.dev.size).unwrap_or(0).min(100)
-        )
-    });
+    let pct = vol
+        .reencrypted_bytes()
+        .map(|b| format!("{}%", percent(b, loc.dev.size)));
     log::info!(
         "{}: resuming the encryption of {} at {} (an unfinished LUKS2 reencryption left by ADE or cryptsetup)",
         v.name,
@@ -565,9 +573,34 @@ pub fn run(config_path: &Path, params: &BootParams) -> Result<(), Error> {
     if failures.is_empty() {
         return Ok(());
     }
-    let (_, chosen) = failures.remove(pick);
+    let (role, chosen) = failures.remove(pick);
     for (_, e) in &failures {
         log::error!("{e}");
     }
-    Err(chosen)
+    let os = volumes.iter().find(|v| v.role == Role::Os);
+    match (
+        role,
+        os.and_then(|v| unusable_state(v, params.keyvol_timeout)),
+    ) {
+        (Role::Os, Some(state)) => Err(Error::OsUnusable {
+            name: os.map(|v| v.name.clone()).unwrap_or_default(),
+            state,
+            source: Box::new(chosen),
+        }),
+        _ => Err(chosen),
+    }
+}
+
+/// After the OS volume failed: is its device in a state from which a root must not be mounted?
+/// `None` when it is mountable as it is (open, or still whole plaintext: a missing key volume
+/// leaves an unconverted root that boots) or could not be observed (absent: the initramfs's own
+/// wait for the root decides).
+fn unusable_state(v: &Volume, timeout: Duration) -> Option<&'static str> {
+    let loc = locate(v, timeout.min(Duration::from_secs(1)), Access::ReadOnly).ok()?;
+    match observe(v, &loc) {
+        Ok(Observed::Open { .. }) | Ok(Observed::Plaintext { .. }) => None,
+        Ok(Observed::Unfinished { .. }) => Some("half converted by an unfinished pass"),
+        Ok(Observed::Encrypted(_)) => Some("encrypted and not opened"),
+        Err(_) => Some("in a state initcrypt cannot read"),
+    }
 }

@@ -14,6 +14,11 @@ pub enum Exit {
     LayoutUnsupported = 6,
     PassFailed = 7,
     ConfigInvalid = 8,
+    /// `initcrypt boot` only: the OS volume was observed in a state no root can be mounted from
+    /// (a pass unfinished, encrypted but not opened, unrecognisable). The line printed says why
+    /// (its own cause), and the initramfs-tools hook stops the boot on this code rather than let
+    /// anything mount or fsck the device (an extension of design §4, see README).
+    OsUnusable = 9,
 }
 
 impl Exit {
