@@ -262,6 +262,18 @@ fn an_os_volume_wanted_decrypted_is_decrypted_before_the_root_mount() {
             "{want} missing: {sysroot}"
         );
     }
+    // The root's fsck never preens the partition while the decryption runs, nor after it failed
+    // (review F1.2c: it was ordered only after its device unit).
+    let fsck = read(
+        &g.normal
+            .join("systemd-fsck-root.service.d/50-initcrypt.conf"),
+    );
+    for want in [
+        "Requires=initcrypt-decrypt@osencrypt.service",
+        "After=initcrypt-decrypt@osencrypt.service",
+    ] {
+        assert!(fsck.lines().any(|l| l == want), "{want} missing: {fsck}");
+    }
     let iq = read(
         &g.normal
             .join("dracut-initqueue.service.d/50-initcrypt.conf"),
