@@ -148,7 +148,7 @@ pub fn observe(v: &Volume, loc: &Located) -> Result<Observed, Error> {
     let node = loc.dev.checked_node()?;
     let probe = std::fs::File::open(&node)
         .ok()
-        .and_then(|mut f| blockdev::probe(&mut f).ok().flatten());
+        .and_then(|f| blockdev::probe(&f).ok().flatten());
     match &loc.header {
         None => match probe {
             Some(p) if p.fstype == "crypto_LUKS" => {

@@ -487,20 +487,13 @@ fn physical_block_size(path: &Path) -> u64 {
         .unwrap_or(512)
 }
 
-/// Block size of an ext2/3/4 or sector size of an XFS filesystem on the device, if one is there.
+/// Block size of the filesystem on the device, as libblkid reports it (ext* block size; XFS, FAT
+/// and btrfs sector size), if one is there.
 fn fs_block_size(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ok()?;
-    let mut b = vec![0u8; 2048];
-    f.read_exact_at(&mut b, 0).ok()?;
-    if b[1024 + 56..1024 + 58] == [0x53, 0xEF] {
-        let log = u32::from_le_bytes([b[1048], b[1049], b[1050], b[1051]]);
-        return (log <= 6).then(|| 1024u64 << log);
-    }
-    if &b[0..4] == b"XFSB" {
-        return Some(u16::from_be_bytes([b[102], b[103]]) as u64);
-    }
-    None
+    crate::blockdev::probe_path(path)
+        .ok()
+        .flatten()
+        .and_then(|p| p.block_size)
 }
 
 /// Format the pending header (replacing a stale one from an interrupted start), durable on disk.
