@@ -155,7 +155,7 @@ pub fn observe(v: &Volume, loc: &Located) -> Result<Observed, Error> {
     let node = loc.dev.checked_node()?;
     let probe = std::fs::File::open(&node)
         .ok()
-        .and_then(|mut f| blockdev::probe(&mut f).ok().flatten());
+        .and_then(|f| blockdev::probe(&f).ok().flatten());
     match &loc.header {
         None => match probe {
             Some(p) if p.fstype == "crypto_LUKS" => {
@@ -203,6 +203,11 @@ fn observe_detached(
             Some(p) if p.fstype != "crypto_LUKS" => Ok(Observed::Plaintext {
                 fstype: Some(p.fstype),
             }),
+            // No header, no journal, no pending header, no signature: a volume wanted decrypted
+            // is plaintext whatever it holds (raw data, or a signature libblkid does not know),
+            // and nothing will touch it. One wanted encrypted is not converted from such a state:
+            // a pass whose journal and header were both lost would look the same.
+            None if v.desired == Desired::Decrypted => Ok(Observed::Plaintext { fstype: None }),
             _ => Err(Error::Unrecognised {
                 name: v.name.clone(),
                 device: loc.dev.name.clone(),

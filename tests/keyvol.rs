@@ -178,3 +178,93 @@ fn reading_never_writes_the_image() {
     drop(kv);
     assert_eq!(common::sha256(&img), before);
 }
+
+/// The first `len` bytes of `img`, as a new image next to it.
+fn head(img: &std::path::Path, len: u64, name: &str) -> std::path::PathBuf {
+    let out = img.with_file_name(name);
+    std::fs::copy(img, &out).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    out
+}
+
+// The review's case: the first 4 KiB of a 16 MiB FAT16 made by mkfs.fat used to be listed as a
+// key volume without files (exit 0, `files: []`), and the boot then blamed the key files.
+#[test]
+fn a_truncated_key_volume_is_corrupt_not_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ade_passphrase(5);
+    let files: &[(&str, &[u8])] = &[("LinuxPassPhraseFileName", &key)];
+    let whole = fat_image(dir.path(), "w.img", 16, Layout::Whole, "BEK VOLUME", files);
+    let mbr = fat_image(dir.path(), "m.img", 16, Layout::Mbr, "BEK VOLUME", files);
+    let fat32 = fat_image(dir.path(), "f.img", 32, Layout::Whole, "BEK VOLUME", files);
+    let cases = [
+        (
+            head(&whole, 4096, "w-4k.img"),
+            "declares 16777216 bytes",
+            "has 4096 bytes",
+        ),
+        // Cut inside the partition: the MBR still claims all of it.
+        (
+            head(&mbr, (1 << 20) + 8192, "m-8k.img"),
+            "declares 15728640 bytes",
+            "has 8192 bytes",
+        ),
+        // FAT32, cut inside its first FAT, and just short of its last sector.
+        (
+            head(&fat32, 64 << 10, "f-64k.img"),
+            "declares 67108864 bytes",
+            "has 65536 bytes",
+        ),
+        (
+            head(&fat32, (64 << 20) - 512, "f-short.img"),
+            "declares 67108864 bytes",
+            "has 67108352 bytes",
+        ),
+    ];
+    for (img, declares, has) in cases {
+        let out = initcrypt()
+            .args(["keyvol", "--json", "--device", img.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{}: {err}", img.display());
+        assert!(
+            out.stdout.is_empty(),
+            "nothing listed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("error:")).collect();
+        assert_eq!(lines.len(), 1, "one line: {err}");
+        let line = lines[0];
+        for want in [
+            "corrupt or truncated",
+            img.to_str().unwrap(),
+            declares,
+            "end at byte",
+            has,
+            "re-attach it",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from: {line}");
+        }
+        let e = keyvol::open_path(&img).unwrap_err();
+        assert!(matches!(e, keyvol::Error::Corrupt { .. }), "{e}");
+    }
+    // A truncated FAT volume whose boot sector names another volume is not ours to report: it is
+    // skipped like any other filesystem.
+    let other = fat_image(dir.path(), "o.img", 16, Layout::Whole, "DATA", &[]);
+    let e = keyvol::open_path(&head(&other, 4096, "o-4k.img")).unwrap_err();
+    assert!(matches!(e, keyvol::Error::NotKeyVolume { .. }), "{e}");
+    // The untruncated images still read, key bytes exact.
+    for img in [&whole, &mbr, &fat32] {
+        let kv = keyvol::open_path(img).unwrap();
+        assert_eq!(
+            kv.key_for("LinuxPassPhraseFileName").unwrap().expose(),
+            &key[..]
+        );
+    }
+}

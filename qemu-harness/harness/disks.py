@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+import re
 import shutil
 import signal
 import subprocess
@@ -71,6 +72,7 @@ class KeyStore:
 class BuildContext:
     workdir: Path  # scratch folder for this disk
     keys: KeyStore
+    binary: Path | None = None  # the initcrypt binary under test (builders that run it: half-decrypted)
 
 
 class Params:
@@ -330,6 +332,36 @@ def gpt_boot_root(image: Path, boot_img: Path, root_img: Path) -> dict:
             "boot_size": boot_size, "root_offset": root_off, "root_size": root_size}
 
 
+def stop_our_decrypt(binary: Path | None, header: Path, key: Path, device: Path, at_percent: int = 20) -> str:
+    """Run initcrypt's `decrypt-image` and SIGTERM it once its progress says `at_percent`: it stops at the next
+    chunk boundary (exit 7), leaving the pending header and the journal next to `header`. Returns the last progress
+    line. The pass is fast on the host, so a run that finishes first is undone (encrypted again) and retried."""
+    if binary is None:
+        raise HarnessError("ade-os: reencrypt=half-decrypted needs the initcrypt binary")
+    pat = re.compile(r"\s(\d{1,3})%\s")
+    for attempt in range(5):
+        p = subprocess.Popen([str(binary), "decrypt-image", "--device", str(device), "--header", str(header),
+                              "--key-file", str(key)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last = ""
+        assert p.stderr is not None
+        for line in p.stderr:
+            m = pat.search(line)
+            if m and at_percent <= int(m.group(1)) < 100:
+                last = line.strip()
+                p.send_signal(signal.SIGTERM)
+                break
+        rest = p.communicate(timeout=120)[1]
+        journal = Path(str(header) + ".journal")
+        if p.returncode == 7 and journal.exists():
+            return last
+        if p.returncode != 0:
+            raise HarnessError(f"ade-os: decrypt-image failed (rc {p.returncode}): {rest.strip()[-300:]}")
+        # Finished before the signal: encrypt again with our own engine and retry with an earlier stop.
+        run([str(binary), "encrypt-image", "--device", str(device), "--header", str(header), "--key-file", str(key)])
+        at_percent = max(5, at_percent // 2)
+    raise HarnessError("ade-os: could not stop decrypt-image part-way in 5 attempts")
+
+
 def interrupt_stock_resume(header: Path, key: Path, device: Path, hotzone: str = "1M", limit: float = 120) -> int:
     """`cryptsetup reencrypt --resume-only` on an image file, stopped with SIGINT (cryptsetup's clean stop, at a
     hotzone boundary). Returns the bytes done.
@@ -372,7 +404,9 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
 
     reencrypt = "full" (default): stock offline `reencrypt --encrypt` to the end.
     reencrypt = "partial": what ADE's online flow leaves after an interruption: `reencrypt --encrypt --init-only`,
-    then a stock `--resume-only` stopped part-way (SIGINT): header with the online-reencrypt requirement."""
+    then a stock `--resume-only` stopped part-way (SIGINT): header with the online-reencrypt requirement.
+    reencrypt = "half-decrypted": fully encrypted, then initcrypt's own `decrypt-image` (the binary under test)
+    stopped with SIGTERM once it reports 20 %: the boot partition holds `<header>.pending` and `.journal`."""
     luks = p.get("luks", "luks2")
     boot_size = parse_size(p.get("boot_size", "64M"))
     root_size = parse_size(p.get("root_size", "64M"))
@@ -388,8 +422,8 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
         raise HarnessError(f"ade-os: luks must be luks1 or luks2, not {luks!r}")
     if luks == "luks1" and sector_size not in (None, 512):
         raise HarnessError("ade-os: LUKS1 has 512-byte sectors only")
-    if mode not in ("full", "partial"):
-        raise HarnessError(f"ade-os: reencrypt must be full or partial, not {mode!r}")
+    if mode not in ("full", "partial", "half-decrypted"):
+        raise HarnessError(f"ade-os: reencrypt must be full, partial or half-decrypted, not {mode!r}")
     if mode == "partial" and luks != "luks2":
         raise HarnessError("ade-os: reencrypt=partial needs luks2 (LUKS1 has no resumable reencryption)")
 
@@ -422,6 +456,8 @@ def build_ade_os(image: Path, p: Params, ctx: BuildContext) -> dict:
     if luks == "luks1":
         run(["cryptsetup", "-q", "convert", "--type", "luks1", header])
     luks_id = luks_uuid(header)
+    if mode == "half-decrypted":
+        facts["decrypt_stopped_at"] = stop_our_decrypt(ctx.binary, header, key_file, root_img)
     mkfs_ext4(boot_img, boot_size, boot_tree, boot_uuid, label="boot")
 
     facts.update(gpt_boot_root(image, boot_img, root_img))

@@ -32,14 +32,14 @@ def scenario_dir(name: str) -> Path:
     return target_dir() / "qemu" / name
 
 
-def build_disks(scn: Scenario, out: Path, keys: disks.KeyStore) -> dict:
+def build_disks(scn: Scenario, out: Path, keys: disks.KeyStore, binary: Path | None = None) -> dict:
     facts = {}
     virtio_letters = iter("abcdefghijklmnopqrstuvwxyz")
     ordered = [d for d in scn.disks if d.hotplug_after is None] + \
         sorted((d for d in scn.disks if d.hotplug_after is not None), key=lambda d: d.hotplug_after)
     for d in ordered:
         f = disks.build_disk(d.builder, out / f"{d.name}.img", d.params,
-                             disks.BuildContext(workdir=out / "build" / d.name, keys=keys))
+                             disks.BuildContext(workdir=out / "build" / d.name, keys=keys, binary=binary))
         f["serial"] = d.name[:20]
         f["bus"] = d.bus
         if d.bus == "virtio":
@@ -187,7 +187,7 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         keys = disks.KeyStore(out / "keys")
-        facts = build_disks(scn, out, keys)
+        facts = build_disks(scn, out, keys, binary.path)
         images = {name: Path(f["path"]) for name, f in facts.items()}
         sha_before = {name: sha256_file(p) for name, p in images.items()}
         for name, sha in sha_before.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the static C prefix that the musl release binary links: libcryptsetup (OpenSSL backend, library
 # only), libdevmapper (libdm only), OpenSSL libcrypto (no dlopen, no modules, no config autoload),
-# json-c and libuuid, all compiled with musl-gcc into PREFIX.
+# json-c, libuuid and libblkid, all compiled with musl-gcc into PREFIX.
 #
 # Usage: build-prefix.sh PREFIX WORKDIR
 #   PREFIX   final install prefix (paths are baked into the .pc files: build it where it will be used)
@@ -94,11 +94,15 @@ mkdir -p "$WORK/build-json-c"
 ) || { tail -n 40 "$WORK/json-c.log" >&2; exit 1; }
 step_done
 
-# ---- libuuid (util-linux) ----------------------------------------------------------------------------
-step "libuuid (util-linux)"
+# ---- libuuid + libblkid (util-linux) -----------------------------------------------------------------
+# libblkid answers "what is on this device" (every prober udev uses). Only its probing API is called:
+# the blkid cache (/run/blkid/blkid.tab) and /etc/blkid.conf belong to blkid_get_cache and
+# blkid_evaluate_tag, which initcrypt never calls (tests/static/check-static.sh traces a probe run).
+step "libuuid + libblkid (util-linux)"
 (
   cd "$(srcdir util-linux)"
   ./configure --prefix="$PREFIX" --libdir="$PREFIX/lib" --disable-all-programs --enable-libuuid \
+    --enable-libblkid \
     --disable-shared --enable-static --disable-nls --without-systemd --without-udev --without-python \
     --without-tinfo --without-ncurses --without-readline --disable-bash-completion --disable-asciidoc \
     >"$WORK/util-linux.log" 2>&1

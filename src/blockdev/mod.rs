@@ -1,6 +1,7 @@
 //! Block devices as the initramfs sees them: a sysfs scan (no udev needed), persistent names
-//! (`PARTUUID=`, `UUID=`, `/dev/disk/by-path/…`) resolved by reading partition tables and superblocks
-//! ourselves, holders and mounts (a device in use must never be touched), and bounded waits.
+//! (`PARTUUID=`, `UUID=`, `/dev/disk/by-path/…`) resolved by reading partition tables ourselves and
+//! superblocks with libblkid, holders and mounts (a device in use must never be touched), and
+//! bounded waits.
 
 mod mount;
 mod parttable;
@@ -9,7 +10,7 @@ mod probe;
 
 pub use mount::{mount_point_of, TempMount};
 pub use parttable::{partitions_of, Partition, TableKind};
-pub use probe::{probe, Probe};
+pub use probe::{full_probe, full_probe_path, probe, probe_path, Probe, Signature};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -293,8 +294,7 @@ fn matches(spec: &DeviceSpec, dev: &BlockDev, devs: &[BlockDev]) -> bool {
 
 fn probe_node(dev: &BlockDev) -> Option<Probe> {
     let node = dev.checked_node().ok()?;
-    let mut f = fs::File::open(node).ok()?;
-    probe(&mut f).ok().flatten()
+    probe_path(&node).ok().flatten()
 }
 
 /// The PARTUUID of a partition, read from its disk's GPT or MBR (the kernel does not export it in sysfs).

@@ -12,6 +12,11 @@
 //! never ends, whatever `MAX_ENTRIES` says). [`Layout`] re-reads each of those numbers with checked
 //! arithmetic before fatfs sees the volume, walks the root directory itself within `MAX_ROOT_BYTES`,
 //! and checks a key file's cluster chain before fatfs follows it; fatfs is only used on what passed.
+//!
+//! fatfs also takes a short read for the end of a directory. On a truncated image or a device that
+//! is still being attached, that made a key volume with keys look like one without files, and the
+//! boot then stopped searching and blamed the key files. So a volume must hold every byte its boot
+//! sector declares, and a read error inside the root directory is an error, never its end.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -42,6 +47,11 @@ impl<R: Read + Seek> ReadOnlySlice<R> {
             len,
             pos: 0,
         }
+    }
+
+    /// The window's length: what the device (or partition) holds, as far as the reader may go.
+    pub fn size(&self) -> u64 {
+        self.len
     }
 }
 
@@ -96,6 +106,58 @@ impl<R> Seek for ReadOnlySlice<R> {
     }
 }
 
+/// An in-memory image seen as a device of `len` bytes whose part past the data reads as zeros.
+/// The fuzz target hands the reader prefixes of real key volumes (boot sector, FATs, root directory,
+/// first files: what fits in a fuzz input), which declare far more than they hold; through this
+/// view the whole reader still runs on them, and on the bare prefix the truncation check does.
+pub struct ZeroTail<'a> {
+    data: &'a [u8],
+    len: u64,
+    pos: u64,
+}
+
+impl<'a> ZeroTail<'a> {
+    /// The view as long as the boot sector of `data` declares (at most 1 TiB), or as `data`.
+    pub fn declared(data: &'a [u8]) -> Self {
+        let declared = Layout::read(&mut io::Cursor::new(data))
+            .map(|l| l.declared_len.min(1 << 40))
+            .unwrap_or(0);
+        ZeroTail {
+            data,
+            len: declared.max(data.len() as u64),
+            pos: 0,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Read for ZeroTail<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        let from_data = self.data.get(self.pos as usize..).unwrap_or_default();
+        let n = want.min(from_data.len());
+        buf[..n].copy_from_slice(&from_data[..n]);
+        buf[n..want].fill(0);
+        self.pos += want as u64;
+        Ok(want)
+    }
+}
+
+impl Seek for ZeroTail<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = target.ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Ok(self.pos)
+    }
+}
+
 /// What a FAT volume holds, as far as we care.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
@@ -105,10 +167,42 @@ pub struct Listing {
     pub files: Vec<(String, u64)>,
 }
 
+/// Why `list` refused a volume. The two cases call for different reactions: a device that holds
+/// something else is skipped, while a FAT volume that cannot be read whole may be the key volume
+/// itself (truncated, not fully attached yet, or failing) and must never pass for one without files.
+#[derive(Debug)]
+pub enum Refused {
+    /// No FAT boot sector we can use: the device holds something else.
+    NotFat(io::Error),
+    /// A FAT boot sector, but the volume is truncated or its FAT or root directory cannot be read.
+    Damaged {
+        /// The label in the boot sector (the root directory's label entry could not be read).
+        boot_label: String,
+        source: io::Error,
+    },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::NotFat(e) => write!(f, "not FAT: {e}"),
+            Refused::Damaged { source, .. } => write!(f, "{source}"),
+        }
+    }
+}
+
 /// Parse a FAT filesystem and list its root directory's files.
-pub fn list<R: Read + Seek>(mut storage: ReadOnlySlice<R>) -> io::Result<Listing> {
-    Layout::read(&mut storage)?.root_entries(&mut storage)?;
-    let fs = mount(&mut storage)?;
+pub fn list<R: Read + Seek>(mut storage: ReadOnlySlice<R>) -> Result<Listing, Refused> {
+    let layout = Layout::read(&mut storage).map_err(Refused::NotFat)?;
+    let damaged = |source: io::Error| Refused::Damaged {
+        boot_label: layout.boot_label.clone(),
+        source,
+    };
+    layout.check_fits(storage.size()).map_err(damaged)?;
+    layout.root_entries(&mut storage).map_err(damaged)?;
+    // fatfs checks a few BPB fields of its own; what it refuses after ours passed is not a volume
+    // we can read, as before.
+    let fs = mount(&mut storage).map_err(Refused::NotFat)?;
     let fat_type = match fs.fat_type() {
         fatfs::FatType::Fat12 => "FAT12",
         fatfs::FatType::Fat16 => "FAT16",
@@ -120,7 +214,7 @@ pub fn list<R: Read + Seek>(mut storage: ReadOnlySlice<R>) -> io::Result<Listing
     }
     let mut files = Vec::new();
     for entry in fs.root_dir().iter().take(MAX_ENTRIES) {
-        let entry = entry?;
+        let entry = entry.map_err(damaged)?;
         if entry.is_file() {
             files.push((entry.file_name(), entry.len()));
         }
@@ -138,6 +232,7 @@ pub fn read_file<R: Read + Seek>(
     name: &str,
 ) -> io::Result<Zeroizing<Vec<u8>>> {
     let layout = Layout::read(&mut storage)?;
+    layout.check_fits(storage.size())?;
     let raw = layout.root_entries(&mut storage)?;
     // fatfs matches the (long) name; its iterator yields the root's entries in the order
     // `root_entries` collected them, so the index names the raw entry, whose cluster chain is
@@ -238,6 +333,18 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// The boot sector's volume label, present when the extended boot signature is 0x29 (0x28 stops
+/// after the volume ID).
+fn boot_label(b: &[u8; 512], is_fat32: bool) -> String {
+    let (sig, at) = if is_fat32 { (66, 71) } else { (38, 43) };
+    if b[sig] != 0x29 {
+        return String::new();
+    }
+    String::from_utf8_lossy(&b[at..at + 11])
+        .trim_end()
+        .to_string()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FatBits {
     Fat12,
@@ -267,6 +374,10 @@ struct Layout {
     /// The highest cluster number: `total_clusters + 1` (numbering starts at 2).
     max_cluster: u32,
     root: Root,
+    /// `total_sectors * bytes_per_sector`: what the device must hold.
+    declared_len: u64,
+    /// The label field of the boot sector (blank when it has none).
+    boot_label: String,
 }
 
 /// A root-directory entry as fatfs's iterator yields it (not deleted, not a long-name fragment,
@@ -385,7 +496,31 @@ impl Layout {
             first_data_byte: first_data_sector * bps,
             max_cluster,
             root,
+            declared_len: u64::from(total_sectors) * bps,
+            boot_label: boot_label(&b, is_fat32),
         })
+    }
+
+    /// Refuse a volume that its device does not hold whole. Every cluster lies inside the declared
+    /// length, so this also covers the FAT copies, the root directory and the root's cluster chain;
+    /// the message names where those end, the part a listing needs. mkfs.fat and Windows never
+    /// declare more than the partition, so only a truncated copy or a half-attached disk fails.
+    fn check_fits(&self, len: u64) -> io::Result<()> {
+        if self.declared_len <= len {
+            return Ok(());
+        }
+        let root_end = match self.root {
+            Root::Region { offset, len } => offset + len,
+            Root::Chain(c) => self.cluster_offset(c) + self.cluster_size,
+        };
+        let regions_end = root_end.max(self.first_data_byte);
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "truncated: its boot sector declares {} bytes, its FAT and root directory end at byte {regions_end}, the device has {len} bytes",
+                self.declared_len
+            ),
+        ))
     }
 
     /// Byte offset of a cluster `2..=max_cluster` (no overflow: it lies within the 2^32 sectors).
@@ -455,8 +590,15 @@ impl Layout {
                     "root directory longer than {MAX_ROOT_BYTES} bytes (looping cluster chain?)"
                 )));
             }
-            // A short read ends the directory for fatfs too.
-            if read_at(r, offset, &mut e).is_err() || e[0] == 0 {
+            // Only the end marker ends the directory: a read error here (a bad sector, or the device
+            // ending early) would otherwise hide every entry after it.
+            read_at(r, offset, &mut e).map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!("cannot read the root directory at byte {offset}: {err}"),
+                )
+            })?;
+            if e[0] == 0 {
                 break;
             }
             offset += DIR_ENTRY;
@@ -578,16 +720,17 @@ mod tests {
         put16(img, at, new);
     }
 
-    /// FAT32 with 65600 clusters, of which only the first (the root, cluster 2) is in the image:
-    /// the reader is bounded by its slice, so the volume may claim more than the image holds.
-    /// FSInfo in sector 1, FAT at sector 8 (513 sectors), cluster 2 at sector 521.
+    /// FAT32 with 65600 clusters (the fewest FAT32 allows is 65525): 33 MB, zeroed memory the
+    /// tests never touch past the first clusters. The image holds all it declares: a shorter one is
+    /// truncated. FSInfo in sector 1, FAT at sector 8 (513 sectors), cluster 2 at sector 521.
     const FAT32_FAT: usize = 8 * SECTOR;
     const FAT32_ROOT: usize = 521 * SECTOR;
+    const FAT32_SECTORS: usize = 8 + 513 + 65600;
 
     fn fat32() -> Vec<u8> {
-        let mut img = vec![0u8; 530 * SECTOR];
+        let mut img = vec![0u8; FAT32_SECTORS * SECTOR];
         boot_sector(&mut img, 8, true);
-        put32(&mut img, 32, 8 + 513 + 65600); // total sectors
+        put32(&mut img, 32, FAT32_SECTORS as u32); // total sectors
         put32(&mut img, 36, 513); // sectors per FAT
         put32(&mut img, 44, 2); // root cluster
         put16(&mut img, 48, 1); // FSInfo
@@ -610,8 +753,38 @@ mod tests {
         read_file(slice(img), "KEY").map(|k| k.to_vec())
     }
 
-    fn refused(r: io::Result<impl std::fmt::Debug>) -> String {
+    fn refused<E: std::fmt::Display>(r: Result<impl std::fmt::Debug, E>) -> String {
         r.expect_err("a corrupt image must be refused").to_string()
+    }
+
+    /// The reason of a `Damaged` refusal; panics on success or on `NotFat`.
+    fn damaged(r: Result<Listing, Refused>) -> io::Error {
+        match r {
+            Err(Refused::Damaged { source, .. }) => source,
+            other => panic!("expected a damaged volume, got {other:?}"),
+        }
+    }
+
+    /// A device whose reads fail with EIO inside `[bad.start, bad.end)`.
+    struct BadSectors<'a> {
+        inner: Cursor<&'a [u8]>,
+        bad: std::ops::Range<u64>,
+    }
+
+    impl Read for BadSectors<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let at = self.inner.position();
+            if at < self.bad.end && at + buf.len() as u64 > self.bad.start {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.inner.read(buf)
+        }
+    }
+
+    impl Seek for BadSectors<'_> {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
     }
 
     #[test]
@@ -627,13 +800,21 @@ mod tests {
 
     // Regression (fuzzer, first run): a file entry whose first cluster is 1 made fatfs compute
     // `cluster - 2` and panic on the overflow in `File::read`.
+    // The image is the first 5168 bytes of a 2 MiB volume: as it is, it is truncated; the rest of
+    // the reader sees it as the fuzz target does, zero-padded to its declared length.
     #[test]
     fn fuzz_regression_file_at_cluster_1() {
         let img = include_bytes!("../../tests/data/fuzz-regressions/fat12-file-at-cluster-1.img");
         crate::keyvol::fuzz_image(img);
-        let files = list(slice(img)).unwrap().files;
+        assert!(damaged(list(slice(img))).to_string().contains("truncated"));
+        let padded = || {
+            let view = ZeroTail::declared(img);
+            let len = view.size();
+            ReadOnlySlice::new(view, 0, len)
+        };
+        let files = list(padded()).unwrap().files;
         assert_eq!(files.len(), 1);
-        assert!(refused(read_file(slice(img), &files[0].0)).contains("starts at cluster 1"));
+        assert!(refused(read_file(padded(), &files[0].0)).contains("starts at cluster 1"));
 
         let mut img = fat12();
         put16(&mut img, 2 * SECTOR + 26, 1);
@@ -723,11 +904,104 @@ mod tests {
     fn truncated_and_empty_images_are_refused() {
         let img = fat12();
         for len in [0, 100, 511] {
-            assert!(list(slice(&img[..len])).is_err());
+            assert!(matches!(list(slice(&img[..len])), Err(Refused::NotFat(_))));
         }
-        // Truncated after the root directory: listed, but the key's cluster is missing.
-        let l = list(slice(&img[..3 * SECTOR])).unwrap();
-        assert_eq!(l.files.len(), 1);
-        assert!(read_key(&img[..3 * SECTOR]).is_err());
+        // Truncated right after the root directory: the root is readable, but the volume is not
+        // all there, and a listing would pass for the whole volume. The boot sector's label comes
+        // with the refusal (the caller decides whether the volume may be the key volume).
+        match list(slice(&img[..3 * SECTOR])) {
+            Err(Refused::Damaged { boot_label, .. }) => assert_eq!(boot_label, "BEK VOLUME"),
+            other => panic!("{other:?}"),
+        }
+        let mut no_label = img.clone();
+        no_label[38] = 0x28; // extended boot signature without a label field
+        match list(slice(&no_label[..3 * SECTOR])) {
+            Err(Refused::Damaged { boot_label, .. }) => assert_eq!(boot_label, ""),
+            other => panic!("{other:?}"),
+        }
+        let e = damaged(list(slice(&img[..3 * SECTOR]))).to_string();
+        assert!(
+            e.contains("declares 32768 bytes")
+                && e.contains("end at byte 1536")
+                && e.contains("has 1536 bytes"),
+            "{e}"
+        );
+        assert!(refused(read_key(&img[..3 * SECTOR])).contains("truncated"));
+        // Inside the root directory and inside the FAT: the same, never an empty listing.
+        for len in [2 * SECTOR, SECTOR + 8] {
+            let e = damaged(list(slice(&img[..len]))).to_string();
+            assert!(e.contains(&format!("has {len} bytes")), "{e}");
+        }
+    }
+
+    // Cut inside the FAT, at the root cluster's first byte, inside it: refused, naming where the FAT
+    // and the root's first cluster end (byte 522 * 512).
+    #[test]
+    fn truncated_fat32_images_are_refused() {
+        let img = fat32();
+        for len in [4096, FAT32_ROOT, FAT32_ROOT + 64, FAT32_ROOT + 2 * SECTOR] {
+            let e = damaged(list(slice(&img[..len]))).to_string();
+            assert!(
+                e.contains("end at byte 267264") && e.contains(&format!("has {len} bytes")),
+                "{e}"
+            );
+            assert!(read_key(&img[..len]).is_err());
+        }
+        assert!(list(slice(&img)).is_ok());
+    }
+
+    // The device says it is long enough but its reads end early (a short image behind a larger
+    // partition entry, a disk still being attached): the root directory's entries past that point
+    // are not "the end of the directory".
+    #[test]
+    fn a_short_read_inside_the_root_directory_is_an_error() {
+        let img = fat12();
+        let short = &img[..2 * SECTOR];
+        let e = damaged(list(ReadOnlySlice::new(
+            Cursor::new(short),
+            0,
+            img.len() as u64,
+        )));
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("root directory at byte 1024"), "{e}");
+
+        // FAT32: the root's chain goes on to cluster 4, which the device cannot deliver.
+        let mut img = fat32();
+        put32(&mut img, FAT32_FAT + 8, 4);
+        put32(&mut img, FAT32_FAT + 16, 0x0FFF_FFFF);
+        for e in (0..SECTOR).step_by(32) {
+            dir_entry(&mut img, FAT32_ROOT + e, b"\xE5ELETED    ", 3, 5);
+        }
+        dir_entry(&mut img, FAT32_ROOT, b"KEY        ", 3, 5);
+        let whole = img.len() as u64;
+        assert_eq!(list(slice(&img)).unwrap().files.len(), 1);
+        let short = &img[..FAT32_ROOT + 2 * SECTOR];
+        let e = damaged(list(ReadOnlySlice::new(Cursor::new(short), 0, whole)));
+        assert!(
+            e.to_string().contains("root directory at byte 267776"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_io_error_inside_the_root_directory_is_an_error() {
+        let img = fat12();
+        let root = 2 * SECTOR as u64..3 * SECTOR as u64;
+        let dev = BadSectors {
+            inner: Cursor::new(&img),
+            bad: root,
+        };
+        let e = damaged(list(ReadOnlySlice::new(dev, 0, img.len() as u64)));
+        let e = e.to_string();
+        assert!(
+            e.contains("root directory at byte 1024") && e.contains("os error 5"),
+            "{e}"
+        );
+        // The same bad sector in the data region is no concern of the listing.
+        let dev = BadSectors {
+            inner: Cursor::new(&img),
+            bad: 10 * SECTOR as u64..11 * SECTOR as u64,
+        };
+        assert!(list(ReadOnlySlice::new(dev, 0, img.len() as u64)).is_ok());
     }
 }

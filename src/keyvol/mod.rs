@@ -8,6 +8,7 @@ mod fat;
 
 pub use fat::{ReadOnlySlice, MAX_KEY_BYTES};
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub enum Error {
     NotFound { secs: u64, looked: String },
     #[error("{device} is not a FAT volume labelled \"BEK VOLUME\" ({reason}); pass the key volume or its image")]
     NotKeyVolume { device: String, reason: String },
+    #[error("key volume {device} is corrupt or truncated ({reason}); re-attach it (restart the VM from the portal/API so the platform attaches it again), or copy the whole image")]
+    Corrupt { device: String, reason: String },
     #[error("cannot open {device}: {source}; pass an existing block device or image file")]
     Open {
         device: String,
@@ -56,9 +59,10 @@ pub enum Error {
 impl Classify for Error {
     fn exit(&self) -> Exit {
         match self {
-            Error::NotFound { .. } | Error::NotKeyVolume { .. } | Error::Open { .. } => {
-                Exit::KeyVolumeMissing
-            }
+            Error::NotFound { .. }
+            | Error::NotKeyVolume { .. }
+            | Error::Corrupt { .. }
+            | Error::Open { .. } => Exit::KeyVolumeMissing,
             Error::Block(e) => e.exit(),
             _ => Exit::KeyRejected,
         }
@@ -92,6 +96,9 @@ pub struct KeyFileInfo {
 
 impl KeyVolume {
     /// Parse the FAT at `location`; `Ok(None)` when it is not a FAT volume labelled BEK VOLUME.
+    /// A FAT volume that cannot be read whole is `Error::Corrupt` unless its boot sector names
+    /// another volume: its root directory (and the label entry there) is out of reach, and it may be
+    /// the key volume, truncated or still being attached.
     fn at(location: Location) -> Result<Option<KeyVolume>, Error> {
         let device = location.path.display().to_string();
         let file = File::open(&location.path).map_err(|e| Error::Open {
@@ -100,8 +107,14 @@ impl KeyVolume {
         })?;
         let listing = match fat::list(ReadOnlySlice::new(file, location.offset, location.len)) {
             Ok(l) => l,
+            Err(fat::Refused::Damaged { boot_label, source }) if may_be_ours(&boot_label) => {
+                return Err(Error::Corrupt {
+                    device,
+                    reason: source.to_string(),
+                })
+            }
             Err(e) => {
-                log::trace!("{device}+{}: not FAT: {e}", location.offset);
+                log::trace!("{device}+{}: {e}", location.offset);
                 return Ok(None);
             }
         };
@@ -196,6 +209,13 @@ impl KeyVolume {
     }
 }
 
+/// Could a FAT volume whose boot sector carries this label be the key volume? Its label, or none
+/// (Windows formats leave "NO NAME" there and write the label in the root directory only).
+fn may_be_ours(boot_label: &str) -> bool {
+    let l = boot_label.trim();
+    l.is_empty() || l.eq_ignore_ascii_case("NO NAME") || l.eq_ignore_ascii_case(LABEL)
+}
+
 /// All key volumes the machine has; normally one.
 #[derive(Debug)]
 pub struct KeyVolumes(pub Vec<KeyVolume>);
@@ -235,40 +255,69 @@ impl KeyVolumes {
     }
 }
 
+/// What one look at every block device found.
+#[derive(Debug, Default)]
+struct Scan {
+    found: Vec<KeyVolume>,
+    /// Kernel names looked at.
+    looked: Vec<String>,
+    /// Key volumes that could not be read whole (`Error::Corrupt`), by device.
+    damaged: BTreeMap<String, Error>,
+}
+
 /// Look at every block device once. Partitions are block devices of their own, so a partitioned
 /// key disk is found through its partition and a partitionless one through the disk itself.
-fn scan_once() -> Result<(Vec<KeyVolume>, Vec<String>), Error> {
-    let mut found = Vec::new();
-    let mut looked = Vec::new();
+fn scan_once() -> Result<Scan, Error> {
+    let mut scan = Scan::default();
     for dev in blockdev::scan()? {
         if dev.size == 0 || dev.checked_node().is_err() {
             continue;
         }
-        looked.push(dev.name.clone());
+        scan.looked.push(dev.name.clone());
         let loc = Location {
             path: dev.node(),
             offset: 0,
             len: dev.size,
         };
         match KeyVolume::at(loc) {
-            Ok(Some(kv)) => found.push(kv),
+            Ok(Some(kv)) => scan.found.push(kv),
             Ok(None) => {}
+            Err(e @ Error::Corrupt { .. }) => {
+                scan.damaged.insert(dev.name.clone(), e);
+            }
             Err(e) => log::debug!("{}: {e}", dev.name),
         }
     }
-    Ok((found, looked))
+    Ok(scan)
 }
 
 /// Find the key volume(s), waiting up to `timeout` for the platform to attach it.
 pub fn find(timeout: Duration) -> Result<KeyVolumes, Error> {
-    let mut looked = Vec::new();
+    search(timeout, scan_once)
+}
+
+/// The bounded wait of `find`, over any scanner. A damaged candidate does not end it: a disk that
+/// is still being attached can read short for a moment, and another device may hold the real key
+/// volume. Only when the wait runs out is a damaged one reported, as such, rather than "not found".
+fn search(
+    timeout: Duration,
+    mut scan: impl FnMut() -> Result<Scan, Error>,
+) -> Result<KeyVolumes, Error> {
+    let mut last = Scan::default();
+    let mut reported = BTreeMap::new();
     let found = blockdev::poll_until(
         timeout,
         "the key volume (FAT labelled \"BEK VOLUME\")",
         || {
-            let (found, seen) = scan_once()?;
-            looked = seen;
-            Ok::<_, Error>((!found.is_empty()).then_some(found))
+            last = scan()?;
+            for (dev, e) in &last.damaged {
+                let line = e.to_string();
+                if reported.get(dev) != Some(&line) {
+                    log::info!("{line}; still waiting");
+                    reported.insert(dev.clone(), line);
+                }
+            }
+            Ok::<_, Error>((!last.found.is_empty()).then(|| std::mem::take(&mut last.found)))
         },
     )?;
     match found {
@@ -284,10 +333,13 @@ pub fn find(timeout: Duration) -> Result<KeyVolumes, Error> {
             Ok(KeyVolumes(vols))
         }
         None => {
-            let looked = if looked.is_empty() {
+            if let Some((_, e)) = last.damaged.pop_first() {
+                return Err(e);
+            }
+            let looked = if last.looked.is_empty() {
                 "no block devices".to_string()
             } else {
-                looked.join(" ")
+                last.looked.join(" ")
             };
             Err(Error::NotFound {
                 secs: timeout.as_secs(),
@@ -318,10 +370,12 @@ pub fn open_path(path: &Path) -> Result<KeyVolume, Error> {
     }
     let parts = blockdev::partitions_of(&mut file, 512).unwrap_or_default();
     for p in &parts {
+        // A partition table may claim more than a truncated image holds: the volume's own
+        // length check then sees how much is really there.
         let loc = Location {
             path: path.to_path_buf(),
             offset: p.start,
-            len: p.size,
+            len: p.size.min(len.saturating_sub(p.start)),
         };
         if let Some(mut kv) = KeyVolume::at(loc)? {
             kv.device = format!("{device} (partition {})", p.number);
@@ -348,14 +402,104 @@ fn device_len(f: &mut File) -> std::io::Result<u64> {
 }
 
 /// Used by the fuzz target: parse an in-memory image the way `open_path` parses a device,
-/// then read every key file, so corrupt images exercise the whole reader.
+/// then read every key file, so corrupt images exercise the whole reader. Twice: as the device it
+/// is (a prefix of a volume is refused as truncated), and padded with zeros to the length its boot
+/// sector declares, so that prefixes of real volumes reach the directory and file readers.
 pub fn fuzz_image(data: &[u8]) {
     let len = data.len() as u64;
-    let storage = || ReadOnlySlice::new(std::io::Cursor::new(data), 0, len);
+    let exact = || ReadOnlySlice::new(std::io::Cursor::new(data), 0, len);
+    list_and_read(exact);
+    let padded_len = fat::ZeroTail::declared(data).size();
+    if padded_len > len {
+        list_and_read(|| ReadOnlySlice::new(fat::ZeroTail::declared(data), 0, padded_len));
+    }
+    let _ = blockdev::partitions_of(&mut std::io::Cursor::new(data), 512);
+}
+
+fn list_and_read<R: std::io::Read + std::io::Seek>(storage: impl Fn() -> ReadOnlySlice<R>) {
     if let Ok(listing) = fat::list(storage()) {
         for (name, _) in listing.files.iter().take(16) {
             let _ = fat::read_file(storage(), name);
         }
     }
-    let _ = blockdev::partitions_of(&mut std::io::Cursor::new(data), 512);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn damaged(dev: &str) -> BTreeMap<String, Error> {
+        BTreeMap::from([(
+            dev.to_string(),
+            Error::Corrupt {
+                device: format!("/dev/{dev}"),
+                reason: "truncated: …".into(),
+            },
+        )])
+    }
+
+    fn key_volume(dev: &str) -> KeyVolume {
+        KeyVolume {
+            device: format!("/dev/{dev}"),
+            fat_type: "FAT12",
+            label: LABEL.into(),
+            files: vec![],
+            location: Location {
+                path: PathBuf::from(format!("/dev/{dev}")),
+                offset: 0,
+                len: 0,
+            },
+        }
+    }
+
+    // A disk still being attached reads short at first: the search keeps polling and takes the
+    // key volume once it reads whole.
+    #[test]
+    fn a_damaged_candidate_does_not_end_the_search() {
+        let calls = Cell::new(0);
+        let found = search(Duration::from_secs(10), || {
+            calls.set(calls.get() + 1);
+            Ok(if calls.get() < 3 {
+                Scan {
+                    damaged: damaged("sdb"),
+                    looked: vec!["sda".into(), "sdb".into()],
+                    ..Scan::default()
+                }
+            } else {
+                Scan {
+                    found: vec![key_volume("sdb")],
+                    ..Scan::default()
+                }
+            })
+        })
+        .unwrap();
+        assert_eq!(calls.get(), 3);
+        assert_eq!(found.0[0].device, "/dev/sdb");
+    }
+
+    // When the wait runs out, a damaged key volume is reported as such, not as "not found" (whose
+    // advice, attach the key volume, is wrong for a disk that is attached).
+    #[test]
+    fn a_search_that_ends_on_a_damaged_candidate_reports_it() {
+        let calls = Cell::new(0);
+        let e = search(Duration::from_millis(500), || {
+            calls.set(calls.get() + 1);
+            Ok(Scan {
+                damaged: damaged("sdc"),
+                looked: vec!["sdc".into()],
+                ..Scan::default()
+            })
+        })
+        .unwrap_err();
+        assert!(calls.get() > 1, "polled until the wait ran out");
+        assert!(
+            matches!(e, Error::Corrupt { ref device, .. } if device == "/dev/sdc"),
+            "{e}"
+        );
+        assert_eq!(e.exit(), Exit::KeyVolumeMissing);
+
+        let e = search(Duration::from_millis(10), || Ok(Scan::default())).unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    }
 }

@@ -381,9 +381,7 @@ fn check_plaintext(req: &Request) -> Result<(), Error> {
     if req.expect == Expect::Raw {
         return Ok(());
     }
-    let found = std::fs::File::open(req.device)
-        .map_err(|e| e.to_string())
-        .and_then(|mut f| blockdev::probe(&mut f).map_err(|e| e.to_string()));
+    let found = blockdev::probe_path(req.device).map_err(|e| e.to_string());
     let found = match found {
         Ok(Some(p)) if p.fstype != "crypto_LUKS" => return Ok(()),
         Ok(Some(_)) => "it already has a LUKS header".to_string(),
@@ -492,20 +490,13 @@ fn choose_sector_size(req: &Request, dev: &dyn Device) -> Result<u32, Error> {
     Ok(size)
 }
 
-/// Block size of an ext2/3/4 or sector size of an XFS filesystem on the device, if one is there.
+/// The filesystem's block size as libblkid reports it (ext* block size; XFS, FAT and btrfs sector
+/// size), if a signature that has one is there.
 fn fs_block_size(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ok()?;
-    let mut b = vec![0u8; 2048];
-    f.read_exact_at(&mut b, 0).ok()?;
-    if b[1024 + 56..1024 + 58] == [0x53, 0xEF] {
-        let log = crate::bytes::le32(&b, 1048);
-        return (log <= 6).then(|| 1024u64 << log);
-    }
-    if &b[0..4] == b"XFSB" {
-        return Some(u16::from_be_bytes([b[102], b[103]]) as u64);
-    }
-    None
+    blockdev::probe_path(path)
+        .ok()
+        .flatten()
+        .and_then(|p| p.block_size)
 }
 
 /// Format the pending header (a stale partial one from an interrupted start, whose journal has no

@@ -5,7 +5,8 @@
 #     (except /etc/initcrypt/...), /usr/lib/..., /lib/..., openssl.cnf, ossl-modules, /usr/lib/ssl;
 #     runs: `initcrypt --help`, `initcrypt keyvol --device <FAT image labelled "BEK VOLUME">` (once the
 #     binary has that subcommand), `initcrypt encrypt-image` + `decrypt-image` on an 8 MiB image
-#     (LUKS2 format, load, keyslot open in the shipped binary), and the static musl build of
+#     (LUKS2 format, load, keyslot open in the shipped binary), `encrypt-image` of a FAT32 image
+#     (libblkid's probe sizes its crypt sectors: 512), and the static musl build of
 #     tests/static_luks.rs, which formats a
 #     LUKS2 detached header on an image file, loads it back and checks passphrases with the
 #     libcryptsetup linked into it (no device-mapper needed).
@@ -14,7 +15,7 @@
 #   Without --no-build it first runs scripts/build-static (seconds when the prefix is cached) and
 #   builds the static test binary with `scripts/build-static --test-bin static_luks`.
 #   With --no-build, STATIC_LUKS_TEST may name an already built static test binary (else that part fails).
-# Needs: file, binutils (readelf), strace, dosfstools (mkfs.vfat), mtools (mcopy); scripts/build-static
+# Needs: file, binutils (readelf), strace, dosfstools (mkfs.vfat), mtools (mcopy), cryptsetup; scripts/build-static
 # installs them. Exit 0 only if every check passed; the last line is "N passed, N failed".
 # POSIX sh (scripts/test runs it with `sh`).
 set -eu
@@ -33,7 +34,7 @@ ok() { passed=$((passed + 1)); printf 'ok   %s\n' "$*"; }
 fail() { failed=$((failed + 1)); printf 'FAIL %s\n' "$*"; }
 skip() { printf 'skip %s\n' "$*"; }
 
-for tool in file ldd readelf strace mkfs.vfat mcopy; do
+for tool in file ldd readelf strace mkfs.vfat mcopy cryptsetup; do
   command -v "$tool" >/dev/null 2>&1 || { echo "check-static: missing tool: $tool" >&2; exit 1; }
 done
 
@@ -157,6 +158,23 @@ else
       ok "decrypt-image (LUKS2 header load + keyslot) restored the plaintext"
     else
       fail "decrypt-image did not restore the plaintext"
+    fi
+
+    # libblkid inside the shipped binary: encrypt-image probes the device to size its crypt sectors.
+    # A FAT with 512-byte sectors must get 512 (blkid's BLOCK_SIZE; without the probe it is 4096),
+    # and blkid must open no config file and write no cache while doing it.
+    mkfs.vfat -C -F 32 -s 1 "$TMP/fat.img" 40960 >/dev/null
+    traced probe-encrypt-image 0 "$BIN" encrypt-image --device "$TMP/fat.img" --header "$TMP/fat.hdr" --key-file "$TMP/pass.key"
+    if cryptsetup luksDump "$TMP/fat.hdr" 2>/dev/null | grep -q 'sector: 512 \[bytes\]'; then
+      ok "libblkid probed the FAT image: 512-byte crypt sectors"
+    else
+      fail "the FAT image did not get 512-byte crypt sectors (libblkid probe):"
+      cryptsetup luksDump "$TMP/fat.hdr" 2>&1 | grep -i sector | sed 's/^/    /'
+    fi
+    if grep -E 'blkid' "$TMP/probe-encrypt-image.paths" >/dev/null; then
+      fail "the probe run opened a blkid file: $(grep -E 'blkid' "$TMP/probe-encrypt-image.paths" | tr '\n' ' ')"
+    else
+      ok "the probe run opened no blkid cache or config file"
     fi
   else
     skip "initcrypt has no encrypt-image/decrypt-image yet: LUKS in the shipped binary not traced"
