@@ -254,9 +254,15 @@ impl Keys {
         }
     }
 
-    /// The key of volume `v`, from the key volume (searched for on first use). The first failure
-    /// is returned whole; later volumes get a short line pointing at it.
-    pub fn key_for(&self, v: &Volume) -> Result<Secret, Error> {
+    /// Keys from key volumes already found (`initcrypt keys`, `keyscript`).
+    pub fn with(found: KeyVolumes, timeout: Duration) -> Keys {
+        Keys {
+            timeout,
+            found: OnceCell::from(Ok(found)),
+        }
+    }
+
+    fn volumes(&self, v: &Volume) -> Result<&KeyVolumes, Error> {
         let mut first_failure = None;
         let found = self.found.get_or_init(|| {
             keyvol::find(self.timeout).map_err(|e| {
@@ -268,14 +274,83 @@ impl Keys {
         if let Some(e) = first_failure {
             return Err(e.into());
         }
-        match found {
-            Ok(k) => Ok(k.key_for(&v.key_file)?),
-            Err(exit) => Err(Error::NoKeyVolume {
-                name: v.name.clone(),
-                exit: *exit,
-            }),
+        found.as_ref().map_err(|exit| Error::NoKeyVolume {
+            name: v.name.clone(),
+            exit: *exit,
+        })
+    }
+
+    /// The key of volume `v`, from the key volume (searched for on first use). The first failure
+    /// is returned whole; later volumes get a short line pointing at it.
+    ///
+    /// During a key rotation the platform attaches a second key volume holding the new keys under
+    /// the same names, and the VM may reboot before the old one is detached: then the volume's
+    /// header chooses (the first candidate a keyslot accepts, checked without activating
+    /// anything). A volume without a header yet (about to be encrypted) needs a single key.
+    pub fn key_for(&self, v: &Volume) -> Result<Secret, Error> {
+        let vols = self.volumes(v)?;
+        let mut candidates = vols.candidates(&v.key_file)?;
+        if candidates.len() == 1 {
+            return Ok(candidates.remove(0).0);
+        }
+        match self.accepted_by_header(v, candidates)? {
+            Some(key) => Ok(key),
+            // No header to ask: the single-key rule and its conflict error.
+            None => Ok(vols.key_for(&v.key_file)?),
         }
     }
+
+    /// The candidate the volume's current header accepts; `None` when it has no header to ask.
+    fn accepted_by_header(
+        &self,
+        v: &Volume,
+        candidates: Vec<(Secret, String)>,
+    ) -> Result<Option<Secret>, Error> {
+        let loc = locate(v, self.timeout, Access::ReadOnly)?;
+        let node = loc.dev.checked_node()?;
+        let header = match &loc.header {
+            None => None,
+            Some(h) => {
+                let paths = pass::Paths::for_header(h);
+                match (paths.pending.exists(), h.exists()) {
+                    (true, _) => Some(paths.pending),
+                    (false, true) => Some(h.clone()),
+                    (false, false) => return Ok(None),
+                }
+            }
+        };
+        let vol = LuksVolume::new(&node, header.as_deref());
+        Ok(pick_key(&vol, &v.name, &v.key_file, candidates)?)
+    }
+}
+
+/// The first candidate key a keyslot of `vol` accepts (checked without activating anything);
+/// `None` when `vol` has no LUKS header to ask. All rejected: `KeyRejected` naming every key
+/// volume tried.
+pub fn pick_key(
+    vol: &LuksVolume,
+    name: &str,
+    key_file: &str,
+    candidates: Vec<(Secret, String)>,
+) -> Result<Option<Secret>, luks::Error> {
+    let mut tried = Vec::new();
+    for (key, device) in candidates {
+        match vol.check_key(&key, key_file) {
+            Ok(slot) => {
+                log::info!(
+                    "{name}: the {key_file} key from {device} opens keyslot {slot} (another key volume holds a different one: a key rotation is under way)"
+                );
+                return Ok(Some(key));
+            }
+            Err(luks::Error::KeyRejected { .. }) => tried.push(device),
+            Err(luks::Error::NotLuks { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(luks::Error::KeyRejected {
+        device: vol.data_path().display().to_string(),
+        key_file: format!("{key_file} (on {})", tried.join(" and ")),
+    })
 }
 
 /// What to do about a volume in the state observed.

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::boot;
 use crate::config::{self, BootParams, Desired, Role, Volume, ADE_OS_NAME};
 use crate::exit::{Classify, Exit};
 use crate::keyvol::{self, OS_KEY_FILE};
@@ -22,6 +23,8 @@ pub enum Error {
     Config(#[from] config::Error),
     #[error(transparent)]
     KeyVolume(#[from] keyvol::Error),
+    #[error(transparent)]
+    Boot(#[from] Box<boot::Error>),
     #[error("cannot write key file {path}: {source}; check that /run is a writable tmpfs")]
     Write {
         path: PathBuf,
@@ -43,6 +46,7 @@ impl Classify for Error {
         match self {
             Error::Config(e) => e.exit(),
             Error::KeyVolume(e) => e.exit(),
+            Error::Boot(e) => e.exit(),
             Error::NoCrypttabName => Exit::Usage,
             _ => Exit::PassFailed,
         }
@@ -118,11 +122,12 @@ pub fn write_all(config_path: &Path, params: &BootParams) -> Result<(), Error> {
         }
         Err(e) => return Err(e.into()),
     };
+    let keys = boot::Keys::with(keyvols, params.keyvol_timeout);
     let mut os_failure = None;
     for v in &volumes {
-        let r = keyvols
-            .key_for(&v.key_file)
-            .map_err(Error::from)
+        let r = keys
+            .key_for(v)
+            .map_err(|e| Error::Boot(Box::new(e)))
             .and_then(|k| write_key_file(Path::new(KEY_DIR), &v.name, &k));
         match r {
             Ok(p) => log::info!("key for {} written to {}", v.name, p.display()),
@@ -166,8 +171,14 @@ fn key_file_for(volumes: &[Volume], crypttab_name: &str) -> String {
 pub fn keyscript(config_path: &Path, params: &BootParams) -> Result<(), Error> {
     let name = std::env::var("CRYPTTAB_NAME").map_err(|_| Error::NoCrypttabName)?;
     let volumes = config::load(config_path, params)?;
-    let wanted = key_file_for(&volumes, &name);
-    let key = keyvol::find(params.keyvol_timeout)?.key_for(&wanted)?;
+    let found = keyvol::find(params.keyvol_timeout)?;
+    let key = match volumes.iter().find(|v| v.name == name) {
+        // A configured volume: its header chooses when several key volumes are attached.
+        Some(v) => boot::Keys::with(found, params.keyvol_timeout)
+            .key_for(v)
+            .map_err(Box::new)?,
+        None => found.key_for(&key_file_for(&volumes, &name))?,
+    };
     let mut out = std::io::stdout().lock();
     out.write_all(key.expose())
         .and_then(|_| out.flush())

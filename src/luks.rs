@@ -113,6 +113,11 @@ impl LuksVolume {
         }
     }
 
+    /// The data device (or image) this handle names.
+    pub fn data_path(&self) -> &Path {
+        &self.data
+    }
+
     fn header_path(&self) -> &Path {
         self.header.as_deref().unwrap_or(&self.data)
     }

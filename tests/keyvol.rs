@@ -268,3 +268,72 @@ fn a_truncated_key_volume_is_corrupt_not_empty() {
         );
     }
 }
+
+/// During a key rotation two key volumes hold different keys under one name, and the VM may boot
+/// then: the single-key rule refuses (it could feed a stale key to a keyslot), the candidates are
+/// both keys, and the volume's header picks the one a keyslot accepts.
+#[test]
+fn two_key_volumes_with_different_keys_let_the_header_choose() {
+    use initcrypt::keyvol::{open_path, KeyVolumes};
+    use initcrypt::luks::LuksVolume;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (common::ade_passphrase(1), common::ade_passphrase(2));
+    let a = common::fat_image(
+        dir.path(),
+        "old.img",
+        16,
+        common::Layout::Whole,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", &old)],
+    );
+    let b = common::fat_image(
+        dir.path(),
+        "new.img",
+        16,
+        common::Layout::Gpt,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", &new)],
+    );
+    let vols = KeyVolumes(vec![open_path(&a).unwrap(), open_path(&b).unwrap()]);
+    assert!(vols.key_for("LinuxPassPhraseFileName").is_err(), "conflict");
+    let cands = vols.candidates("LinuxPassPhraseFileName").unwrap();
+    assert_eq!(cands.len(), 2);
+    // A header that only the new key opens.
+    let img = dir.path().join("data.img");
+    common::truncate(&img, "20M");
+    common::run("mkfs.ext4", &["-q", img.to_str().unwrap()]);
+    let hdr = dir.path().join("h");
+    let keyfile = dir.path().join("newkey");
+    std::fs::write(&keyfile, &new).unwrap();
+    common::stock_encrypt(&img, &hdr, &keyfile, &[]);
+    let vol = LuksVolume::new(&img, Some(&hdr));
+    let picked = initcrypt::boot::pick_key(&vol, "osencrypt", "LinuxPassPhraseFileName", cands)
+        .unwrap()
+        .expect("a header to ask");
+    assert_eq!(picked.expose(), &new[..]);
+    // Neither key: rejected, naming both key volumes.
+    let other = KeyVolumes(vec![open_path(&a).unwrap()]);
+    let err = initcrypt::boot::pick_key(
+        &vol,
+        "osencrypt",
+        "LinuxPassPhraseFileName",
+        other.candidates("LinuxPassPhraseFileName").unwrap(),
+    )
+    .err()
+    .expect("the old key is rejected");
+    assert!(
+        err.to_string().contains("rejected by every keyslot"),
+        "{err}"
+    );
+    // Same bytes on both volumes: one candidate (no header check needed).
+    let c = common::fat_image(
+        dir.path(),
+        "same.img",
+        16,
+        common::Layout::Mbr,
+        "BEK VOLUME",
+        &[("LinuxPassPhraseFileName", &old)],
+    );
+    let same = KeyVolumes(vec![open_path(&a).unwrap(), open_path(&c).unwrap()]);
+    assert_eq!(same.candidates("LinuxPassPhraseFileName").unwrap().len(), 1);
+}

@@ -255,6 +255,33 @@ impl KeyVolumes {
     }
 }
 
+impl KeyVolumes {
+    /// Every distinct key stored for `wanted`, in scan order, with the device it came from. While a
+    /// key rotation runs, the platform attaches a second key volume with the new keys: both are
+    /// legitimate, and only a volume's header can say which one it accepts (see `boot::Keys`).
+    pub fn candidates(&self, wanted: &str) -> Result<Vec<(Secret, String)>, Error> {
+        let mut found: Vec<(Secret, String)> = Vec::new();
+        let mut first_err = None;
+        for kv in &self.0 {
+            match kv.key_for(wanted) {
+                Ok(key) if found.iter().any(|(k, _)| *k == key) => {}
+                Ok(key) => found.push((key, kv.device.clone())),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (found.is_empty(), first_err) {
+            (false, _) => Ok(found),
+            (true, Some(e)) => Err(e),
+            (true, None) => Err(Error::NotFound {
+                secs: 0,
+                looked: "nothing".to_string(),
+            }),
+        }
+    }
+}
+
 /// What one look at every block device found.
 #[derive(Debug, Default)]
 struct Scan {
