@@ -757,8 +757,8 @@ fn a_stopped_decryption_leaves_no_recognisable_filesystem() {
             None,
             "stopped after {chunks} chunks: blkid must find nothing"
         );
-        let mut f = std::fs::File::open(&img).unwrap();
-        assert_eq!(initcrypt::blockdev::probe(&mut f).unwrap(), None);
+        let f = std::fs::File::open(&img).unwrap();
+        assert_eq!(initcrypt::blockdev::probe(&f).unwrap(), None);
         assert!(matches!(
             pass::observe(&Paths::for_header(&hdr)).unwrap(),
             pass::State::Unfinished {
