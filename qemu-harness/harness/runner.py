@@ -6,10 +6,10 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import check, diskcheck, disks, initramfs, realinitrd, vm
+from . import check, diskcheck, disks, initramfs, nbdcache, realinitrd, vm
 from .binary import Binary, target_dir
 from .prepare import Prepared, make_skeleton
 from .scenario import Scenario, expand
@@ -81,15 +81,32 @@ def build_real_initrd(scn: Scenario, out: Path, prep: Prepared, binary: Binary, 
     return realinitrd.build(scn.initramfs, prep.kver, prep.kpkg, binary.path, volumes, out)
 
 
-def boot_once(scn: Scenario, cmd: list[str], images: dict, serial: Path, kill: vm.KillPlan | None = None):
+def boot_once(scn: Scenario, cmd: list[str], images: dict, serial: Path, kill: vm.KillPlan | None = None,
+              crash_seed: str = "final", cut_mode: str = "delay"):
+    """One boot. Disks with cache = "volatile" are served by nbdcache for this boot only: if QEMU was killed (a cut
+    or a timeout) their unflushed writes are lost as drawn from crash_seed, else written back. With
+    [power_cut] dirty_wait, the cut waits for unflushed writes as cut_mode says (nbdcache.CUT_MODES)."""
     qmp_sock = vm.make_qmp_path()  # a fresh socket per boot (qemu.cmd shows the placeholder /QMP)
     cmd = list(cmd)
     i = cmd.index("-qmp") + 1
     cmd[i] = cmd[i].replace("unix:/QMP,", f"unix:{qmp_sock},")
-    hotplugs = [(d, images[d.name]) for d in scn.disks if d.hotplug_after is not None]
+    cmd = [a.replace(f"server.path={vm.NBD_DIR}/", f"server.path={qmp_sock.parent}/") for a in cmd]
+    hotplugs = [(d, nbdcache.socket_path(qmp_sock.parent, d.name) if d.cache == "volatile" else images[d.name])
+                for d in scn.disks if d.hotplug_after is not None]
+    caches, r = None, None
     try:
-        return vm.run_vm(cmd, serial_log=serial, timeout=scn.timeout, hotplugs=hotplugs, qmp_sock=qmp_sock, kill=kill)
+        caches = nbdcache.VolatileDisks(scn.disks, images, qmp_sock.parent)
+        if kill and caches.servers and scn.power_cut and scn.power_cut.dirty_wait:
+            cut_rng = random.Random(f"{crash_seed}:cut")
+            kill = replace(kill, before=lambda: caches.wait_for_cut(cut_mode, cut_rng, scn.power_cut.dirty_wait))
+        r = vm.run_vm(cmd, serial_log=serial, timeout=scn.timeout, hotplugs=hotplugs, qmp_sock=qmp_sock, kill=kill)
+        return r
     finally:
+        if caches:
+            cut = r is not None and (r.killed_at is not None or r.timed_out)
+            stats = caches.stop(crash_seed if cut else None)
+            if r is not None:
+                r.caches = stats
         shutil.rmtree(qmp_sock.parent, ignore_errors=True)
 
 
@@ -105,10 +122,14 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, fact
     records, failures, boot_failures = [], [], []
     lines = [f"power cut: {pc.boots} boots, seed {pc.seed}, cut {pc.min_delay}-{pc.max_delay} s after "
              f"/{pc.after.pattern}/" + (f", pass ends at /{pc.until.pattern}/" if pc.until else "")]
+    volatile = [d.name for d in scn.disks if d.cache == "volatile"]
+    if volatile:
+        lines.append(f"volatile write cache (nbdcache) on: {', '.join(volatile)}")
     for i in range(1, pc.boots + 1):
         delay = round(rng.uniform(pc.min_delay, pc.max_delay), 3)
         serial = out / f"boot{i:02d}.serial.log"
-        r = boot_once(scn, cmd, images, serial, kill=vm.KillPlan(pattern=pc.after, delay=delay))
+        r = boot_once(scn, cmd, images, serial, kill=vm.KillPlan(pattern=pc.after, delay=delay),
+                      crash_seed=f"{pc.seed}:{i}", cut_mode=nbdcache.CUT_MODES[(i - 1) % len(nbdcache.CUT_MODES)])
         transcript = ANSI_RE.sub("\n", serial.read_text(errors="replace").replace("\r", "\n"))
         rec = {"boot": i, "delay": delay, "trigger_at": r.trigger_at, "trigger_line": r.trigger_line,
                "killed_at": r.killed_at, "vm_seconds": round(r.wall, 2), "qemu_returncode": r.returncode,
@@ -126,6 +147,9 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, fact
         elif r.killed_at is not None:
             what = (f"killed at {r.killed_at:.2f} s ({delay:.2f} s after the trigger at {r.trigger_at:.2f} s), "
                     + ("inside the pass" if rec["cut_in_pass"] else "after the pass had ended"))
+            if r.cut_note:
+                what += f"\n         {r.cut_note}"
+                rec["cut_note"] = r.cut_note
         elif r.trigger_at is not None:
             what = f"finished by itself at {r.wall:.2f} s before the cut ({delay:.2f} s after {r.trigger_at:.2f} s)"
         else:
@@ -158,6 +182,11 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, fact
                     rec.setdefault("published_header_check", {})[disk] = found
                     boot_failures += [(i, f"after the cut, with the final header published: {m}") for m in f]
                     what += "; final header published: " + ("decrypts to the original" if not f else "CHECK FAILED")
+        if r.caches:
+            rec["disk_cache"] = r.caches
+            what += "".join(f"\n         {d} cache: {nbdcache.summary(st)}" for d, st in r.caches.items()
+                            if st["writes"] or "error" in st)
+            boot_failures += [(i, f"nbdcache of disk {d}: {st['error']}") for d, st in r.caches.items() if "error" in st]
         rec["what"] = what
         starts = [l.strip() for l in transcript.splitlines() if pc.after.search(l)]
         lines.append(f"boot {i:2d}: {what}" + (f"\n         started: {starts[0]}" if starts else "")
@@ -168,8 +197,20 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, fact
         merged.setdefault(msg, []).append(i)
     failures += [f"power cut boot{'s' if len(b) > 1 else ''} {','.join(map(str, b))}: {msg}"
                  for msg, b in merged.items()]
+    for d in volatile:  # no flush ever: the guest saw no write-back cache, and the cuts could not test flushing
+        writes = sum(r.get("disk_cache", {}).get(d, {}).get("writes", 0) for r in records)
+        if writes and not any(r.get("disk_cache", {}).get(d, {}).get("flushes") for r in records):
+            failures.append(f"power cut: disk {d} took {writes} writes but not one flush in the cut boots: does the "
+                            "guest see a write-back cache (/sys/block/*/queue/write_cache)?")
     cuts_in_pass = sum(r["cut_in_pass"] for r in records)
     lines.append(f"{cuts_in_pass} of {pc.boots} cuts landed inside the pass")
+    if volatile:
+        lossy = sum(any(st.get("crash", {}).get("pending_writes") for st in r.get("disk_cache", {}).values())
+                    for r in records)
+        lines.append(f"{lossy} of {pc.boots} cuts found unflushed writes in a volatile cache")
+        if pc.dirty_wait and not lossy:
+            failures.append("power cut: no cut found unflushed writes, so the volatile cache was never tested "
+                            "(power_cut.txt: raise dirty_wait, or check that the guest flushes at all)")
     if cuts_in_pass < pc.min_cuts_in_pass:
         failures.append(f"power cut: only {cuts_in_pass} of {pc.boots} cuts landed inside the pass "
                         f"(min_cuts_in_pass = {pc.min_cuts_in_pass}; see power_cut.txt: lower max_delay only if the pass "
@@ -222,6 +263,8 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
                 changed = [p for p in after if after[p] != parts_before[d][p]]
                 failures.append(f"disk {d}: changed partition(s): {', '.join(changed) or 'none (outside them)'}")
         failures += check.check_lines(scn, raw)
+        failures += [f"nbdcache of disk {d} (final boot): {st['error']}" for d, st in result.caches.items()
+                     if "error" in st]
         disk_facts = {}
         for disk, checks in scn.expect_disk.items():
             f, found = diskcheck.check_os_disk(disk, checks, facts[disk], keys, images[disk], out)
@@ -234,7 +277,7 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
             "vm_seconds": round(result.wall, 2), "check_seconds": round(time.monotonic() - t_checks, 2),
             "timed_out": result.timed_out, "qemu_returncode": result.returncode,
             "host_facts": facts, "guest_facts": guest_facts, "disk_facts": disk_facts,
-            "power_cut": cut_records, "image_sha256_after": sha_after,
+            "power_cut": cut_records, "disk_cache": result.caches, "image_sha256_after": sha_after,
             "binary": {"path": str(binary.path), "static": binary.static, "origin": binary.origin},
         }, indent=2) + "\n")
     except realinitrd.ImageBuildError as e:

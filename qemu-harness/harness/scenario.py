@@ -18,9 +18,13 @@ TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args",
 INITRAMFS_KINDS = ("harness", "dracut", "mkinitramfs")
 REAL_INITRAMFS_FILES = {"/etc/initcrypt/volumes.json"}  # what a staged install can carry into a real image
 DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
-                    "logical_block_size"}
+                    "logical_block_size", "cache"}
+# host: a raw file through the host page cache, flushes ignored (nothing QEMU wrote is lost when it is killed);
+# volatile: served by nbdcache with a write-back cache that a power cut loses unless the guest flushed it
+CACHE_MODES = ("host", "volatile")
 DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size", "plaintext_original"}
-POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass"}
+POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass", "cache",
+                  "dirty_wait"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Lines that reach the serial console straight from their writer, in the order they were written: systemd's own
 # status lines, the root's /sbin/init facts and the kernel's last words. Under a systemd initrd, initcrypt's
@@ -42,6 +46,7 @@ class DiskSpec:
     readonly: bool = False
     physical_block_size: int | None = None  # None: QEMU's default (512)
     logical_block_size: int = 512
+    cache: str | None = None  # CACHE_MODES; None: [power_cut] cache for a writable disk, else host
     params: dict = field(default_factory=dict)
 
 
@@ -56,6 +61,8 @@ class PowerCut:
     min_delay: float = 0.0
     until: re.Pattern | None = None  # a line that ends the pass: a cut after it did not land inside the pass
     min_cuts_in_pass: int = 0        # fail if fewer cuts landed between `after` and `until`
+    cache: str = "host"              # the default cache of the scenario's writable disks (CACHE_MODES)
+    dirty_wait: float = 0.0          # volatile: a due cut waits up to this long for unflushed writes (nbdcache)
 
 
 @dataclass
@@ -135,6 +142,8 @@ def load(name: str) -> Scenario:
         spec = DiskSpec(**attach, params=d)
         if spec.bus not in ("virtio", "scsi"):
             _fail(path, f"disk {spec.name}: bus must be virtio or scsi")
+        if spec.cache not in (None,) + CACHE_MODES:
+            _fail(path, f"disk {spec.name}: cache must be one of {', '.join(CACHE_MODES)}")
         disks.append(spec)
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
@@ -162,11 +171,20 @@ def load(name: str) -> Scenario:
                 boots=int(pc["boots"]), seed=int(pc.get("seed", 0)), after=re.compile(pc["after"]),
                 max_delay=float(pc["max_delay"]), min_delay=float(pc.get("min_delay", 0)),
                 until=re.compile(pc["until"]) if pc.get("until") else None,
-                min_cuts_in_pass=int(pc.get("min_cuts_in_pass", 0)))
+                min_cuts_in_pass=int(pc.get("min_cuts_in_pass", 0)), cache=pc.get("cache", "host"),
+                dirty_wait=float(pc.get("dirty_wait", 0)))
         except (re.error, ValueError) as e:
             _fail(path, f"power_cut: {e}")
+        if power_cut.cache not in CACHE_MODES:
+            _fail(path, f"power_cut: cache must be one of {', '.join(CACHE_MODES)}")
         if power_cut.boots < 1 or not 0 <= power_cut.min_delay < power_cut.max_delay:
             _fail(path, "power_cut: boots >= 1 and 0 <= min_delay < max_delay")
+
+    for d in disks:
+        if d.cache is None:
+            d.cache = power_cut.cache if power_cut and not d.readonly else "host"
+    if power_cut and power_cut.dirty_wait and not any(d.cache == "volatile" for d in disks):
+        _fail(path, "power_cut: dirty_wait needs a disk with cache = \"volatile\"")
 
     expect_lines = []
     for i, rule in enumerate(data.get("expect_lines", [])):

@@ -11,13 +11,15 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .scenario import DiskSpec
 from .util import HarnessError
 
 BASE_CMDLINE = "console=ttyS0 panic=-1 rd.shell=0 rd.emergency=poweroff loglevel=4"
+NBD_DIR = "/NBD"  # cache = "volatile": placeholder folder of the NBD sockets, replaced per boot (runner.boot_once)
 
 
 @dataclass
@@ -25,6 +27,7 @@ class KillPlan:
     """Power cut: SIGKILL QEMU `delay` seconds after the first serial line matching `pattern`."""
     pattern: re.Pattern
     delay: float
+    before: Callable[[], str] | None = None   # run when the cut is due; may wait; returns VmResult.cut_note
 
 
 @dataclass
@@ -36,12 +39,17 @@ class VmResult:
     trigger_at: float | None = None   # seconds after QEMU started when KillPlan.pattern matched
     trigger_line: str | None = None
     killed_at: float | None = None    # when the SIGKILL was sent (None: QEMU ended by itself first)
+    caches: dict = field(default_factory=dict)   # cache = "volatile" disks: nbdcache stats of this boot
+    cut_note: str | None = None
 
 
 def drive_args(disk: DiskSpec, image: Path) -> tuple[list[str], list[str]]:
     """(-blockdev args, -device args) for a cold-plugged disk."""
     node = f"d-{disk.name}"
     ro = "on" if disk.readonly else "off"
+    if disk.cache == "volatile":  # nbdcache serves the image; every guest flush must reach it
+        return (["-blockdev", f"driver=nbd,node-name={node},read-only={ro},cache.no-flush=off,server.type=unix,"
+                 f"server.path={NBD_DIR}/nbd-{disk.name}.sock"], ["-device", device_arg(disk, node)])
     blockdev = ["-blockdev", f"driver=raw,node-name={node},read-only={ro},"
                 f"file.driver=file,file.filename={image},file.aio=threads,cache.direct=off,cache.no-flush=on"]
     return blockdev, ["-device", device_arg(disk, node)]
@@ -50,6 +58,8 @@ def drive_args(disk: DiskSpec, image: Path) -> tuple[list[str], list[str]]:
 def device_opts(disk: DiskSpec, node: str) -> tuple[str, dict]:
     """(driver, properties) of the guest-visible device; serial = the disk's name (virtio-blk: max 20 chars)."""
     props = {"drive": node, "id": f"dev-{disk.name}", "serial": disk.name[:20]}
+    if disk.cache == "volatile":  # the guest must see a write-back cache, or its kernel sends no flushes
+        props["write-cache"] = "on"
     if disk.physical_block_size:
         props.update(physical_block_size=disk.physical_block_size, logical_block_size=disk.logical_block_size)
     if disk.bus == "virtio":
@@ -125,10 +135,15 @@ class Qmp:
 
 
 def hotplug(qmp: Qmp, disk: DiskSpec, image: Path) -> None:
+    """image: the raw file, or for cache = "volatile" the NBD socket serving it."""
     node = f"d-{disk.name}"
-    qmp.execute("blockdev-add", **{"driver": "raw", "node-name": node, "read-only": disk.readonly,
-                                   "file": {"driver": "file", "filename": str(image), "aio": "threads"},
-                                   "cache": {"direct": False, "no-flush": True}})
+    if disk.cache == "volatile":
+        qmp.execute("blockdev-add", **{"driver": "nbd", "node-name": node, "read-only": disk.readonly,
+                                       "server": {"type": "unix", "path": str(image)}, "cache": {"no-flush": False}})
+    else:
+        qmp.execute("blockdev-add", **{"driver": "raw", "node-name": node, "read-only": disk.readonly,
+                                       "file": {"driver": "file", "filename": str(image), "aio": "threads"},
+                                       "cache": {"direct": False, "no-flush": True}})
     driver, props = device_opts(disk, node)
     qmp.execute("device_add", driver=driver, **props)
 
@@ -137,17 +152,20 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
            qmp_sock: Path, kill: KillPlan | None = None) -> VmResult:
     """Run QEMU, copy its serial console to serial_log (plus host timestamps to serial_log.with .times),
     hot-plug disks at their times, kill it after timeout. With a KillPlan: SIGKILL (a power cut: writes QEMU
-    already issued to the raw image files survive, the guest's caches and in-flight requests do not)
-    kill.delay seconds after the first line matching kill.pattern."""
+    already issued to the raw image files survive, the guest's caches and in-flight requests do not; the
+    caller crashes the caches of volatile disks) kill.delay seconds after the first line matching kill.pattern,
+    or once kill.before returns."""
     if shutil.which(cmd[0]) is None:
         raise HarnessError(f"{cmd[0]} not found")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     times_path = serial_log.with_name(serial_log.stem + ".times")
-    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None}
+    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None, "cut_note": None}
     timers: list[threading.Timer] = []
 
     def power_cut():
+        if kill.before and proc.poll() is None:
+            state["cut_note"] = kill.before()
         if proc.poll() is None:
             state["killed_at"] = time.monotonic() - t0
             _note(times_path, t0, "HOST power cut: SIGKILL of QEMU")
