@@ -1,0 +1,3 @@
+//! Operator commands run in the booted system: enable, disable, rotate, check.
+
+pub mod rotate;
