@@ -772,17 +772,24 @@ fn a_failure_after_each_step_of_the_second_volume_rolls_every_volume_back() {
     }
 }
 
-/// Every volume opens with the old key or with the new one: what the boot needs after a power cut.
-fn assert_each_opens_with_old_or_new(vols: &[Vol], keys: &Keys, ctx: &str) {
-    for v in vols {
-        let (o, n) = (v.opens_old(keys), v.opens_new(keys));
-        assert!(
-            o || n,
-            "{ctx}: {} ({:?}) opens with neither key",
-            v.name(),
-            v.kind
-        );
-    }
+/// Which keys open each volume: `O` old only, `B` both, `N` new only. Fails on a volume neither
+/// key opens. And one of the two keys opens every volume: the state never needs both key volumes
+/// at once (all of O/B while the new key is enrolled, all of B/N while the old one is removed).
+fn key_state(vols: &[Vol], keys: &Keys, ctx: &str) -> String {
+    let state: String = vols
+        .iter()
+        .map(|v| match (v.opens_old(keys), v.opens_new(keys)) {
+            (true, false) => 'O',
+            (true, true) => 'B',
+            (false, true) => 'N',
+            (false, false) => panic!("{ctx}: {} ({:?}) opens with neither key", v.name(), v.kind),
+        })
+        .collect();
+    assert!(
+        !state.contains('N') || !state.contains('O'),
+        "{ctx}: {state}: neither key alone opens every volume"
+    );
+    state
 }
 
 #[test]
@@ -813,18 +820,7 @@ fn a_crash_at_every_step_boundary_leaves_every_volume_openable_and_the_rerun_fin
         .unwrap_err();
         assert!(matches!(e, Error::Interrupted), "{e}");
         let ctx = format!("crash after {k} steps");
-        let state: String = vols
-            .iter()
-            .map(|v| match (v.opens_old(&keys), v.opens_new(&keys)) {
-                (true, false) => 'O',
-                (true, true) => 'B',
-                (false, true) => 'N',
-                (false, false) => {
-                    panic!("{ctx}: {} ({:?}) opens with neither key", v.name(), v.kind)
-                }
-            })
-            .collect();
-        states.insert(state);
+        states.insert(key_state(&vols, &keys, &ctx));
         rotate_all(&vols, &keys).unwrap_or_else(|e| panic!("{ctx}: rerun: {e}"));
         assert_rotated(&vols, &keys, &ctx);
     }
@@ -842,6 +838,7 @@ fn a_crash_during_a_rollback_leaves_every_volume_openable_and_the_rerun_finishes
     let tpl = Tpl::new(tmp.path(), &keys, &kinds);
     // Fail once the second volume lost its old key: the rollback re-enrolls and removes on all.
     let fail_at = Step::Finished { volume: 1, slot: 1 };
+    let mut states = std::collections::BTreeSet::new();
     let mut k = 0;
     loop {
         let vols = tpl.copy(&tmp.path().join(format!("r{k}")));
@@ -865,11 +862,17 @@ fn a_crash_during_a_rollback_leaves_every_volume_openable_and_the_rerun_finishes
             Err(Error::Interrupted) => {}
             Err(Error::RolledBack { .. }) => {
                 assert!(k > 3, "{ctx}: rollback too short");
+                // Through both halves of the rollback: the old key back everywhere, then the new gone.
+                assert!(
+                    states.contains("BBB") && states.contains("BBO"),
+                    "{states:?}"
+                );
                 break;
             }
             other => panic!("{ctx}: {other:?}"),
         }
-        assert_each_opens_with_old_or_new(&vols, &keys, &ctx);
+        let state = key_state(&vols, &keys, &ctx);
+        states.insert(state);
         rotate_all(&vols, &keys).unwrap_or_else(|e| panic!("{ctx}: rerun: {e}"));
         assert_rotated(&vols, &keys, &ctx);
         k += 1;

@@ -673,12 +673,19 @@ impl Run<'_, '_, '_> {
         )
     }
 
-    /// Bring every volume back to the old key only, last first. Every volume is tried; the first
-    /// failure is returned.
+    /// Bring every volume back to the old key only, in the forward order's mirror image: first the
+    /// old key is made to open every volume again (re-enrolled where it was removed; the new key
+    /// still opens them all meanwhile), then the new key's slots go, last volume first. So at every
+    /// instant one of the two keys opens every volume, as during the forward run.
     fn rollback(&mut self) -> Result<(), Stop> {
+        for i in (0..self.targets.len()).rev() {
+            // Stop at the first failure: removing the new key elsewhere would leave volumes that
+            // only the new key opens next to volumes that only the old key opens.
+            self.rollback_enroll_old(i)?;
+        }
         let mut first = None;
         for i in (0..self.targets.len()).rev() {
-            match self.rollback_one(i) {
+            match self.rollback_remove_new(i) {
                 Ok(()) => {}
                 Err(Stop::Crash) => return Err(Stop::Crash),
                 Err(Stop::Failed(e)) => {
@@ -700,61 +707,75 @@ impl Run<'_, '_, '_> {
         Ok(())
     }
 
-    fn rollback_one(&mut self, i: usize) -> Result<(), Stop> {
+    /// The header's keyslots now; a LUKS1 header that neither key opens is first restored from
+    /// its backup (the only way it opens again).
+    fn rollback_survey(&mut self, i: usize) -> Result<Survey, Stop> {
         let t = &self.targets[i];
-        let s = match survey(t) {
-            Ok(s) if !s.slots.iter().all(|x| x.key == Holder::Other) => Some(s),
-            _ => None,
-        };
-        let old_only = s
-            .as_ref()
-            .is_some_and(|s| s.of(Holder::New).is_empty() && !s.of(Holder::Old).is_empty());
-        if old_only {
-            return Ok(());
-        }
-        // LUKS1: the backup is the header as it was, byte for byte.
-        if s.as_ref().is_none_or(|s| s.version == 1) && backup_opening(t, &t.old).is_some() {
-            self.restore(i)?;
-            let s = self.survey(i)?;
-            let ok = s.of(Holder::New).is_empty() && !s.of(Holder::Old).is_empty();
-            self.verify(i, ok, || {
-                "the header restored from the backup does not open with the old key only".into()
-            })?;
-            return self.step(Step::RolledBack { volume: i }, "rolling back");
-        }
-        let Some(s) = s else {
-            // Neither key opens it and there is no backup: report what the header says.
-            return Err(match survey(t) {
-                Err(e) => luks_err(t)(e),
-                Ok(_) => Error::NeitherKey {
+        match survey(t) {
+            Ok(s) if !s.slots.iter().all(|x| x.key == Holder::Other) => return Ok(s),
+            Ok(_) | Err(_) if backup_opening(t, &t.old).is_some() => {
+                self.restore(i)?;
+            }
+            Ok(_) => {
+                return Err(Error::NeitherKey {
                     name: t.name.clone(),
                     header: t.volume.header_file().display().to_string(),
                     old: t.old_source.clone(),
                     new: t.new_source.clone(),
-                },
+                }
+                .into())
+            }
+            Err(e) => return Err(luks_err(t)(e).into()),
+        }
+        Ok(self.survey(i)?)
+    }
+
+    /// Rollback, first half: the old key opens volume `i` again.
+    fn rollback_enroll_old(&mut self, i: usize) -> Result<(), Stop> {
+        let s = self.rollback_survey(i)?;
+        if s.of(Holder::Old).is_empty() {
+            self.re_enroll_old(i, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Rollback, second half: the new key opens volume `i` no more. A LUKS1 header goes back to
+    /// its backup (byte for byte what it was); a LUKS2 header loses the new key's slots, each
+    /// destroyed only after the old key's slot has just been verified.
+    fn rollback_remove_new(&mut self, i: usize) -> Result<(), Stop> {
+        let t = &self.targets[i];
+        let s = self.rollback_survey(i)?;
+        if s.of(Holder::New).is_empty() {
+            return Ok(());
+        }
+        let Some(&old_slot) = s.of(Holder::Old).first() else {
+            return Err(Error::Verify {
+                name: t.name.clone(),
+                what: "the old key opens no keyslot; the new key stays".into(),
             }
             .into());
         };
-        let old_slot = match s.of(Holder::Old).first() {
-            Some(&slot) => slot,
-            None => self.re_enroll_old(i, &s)?,
-        };
-        for new_slot in s.of(Holder::New) {
-            let ok = self.opens(i, &t.old, old_slot)?;
-            self.verify(i, ok, || {
-                format!("keyslot {old_slot} does not open with the old key; keyslot {new_slot} of the new key stays")
-            })?;
-            let what = format!("removing keyslot {new_slot} of the new key");
-            self.write(i, &what, t.volume.destroy_keyslot(new_slot))?;
-            self.step(
-                Step::RemovedNew {
-                    volume: i,
-                    slot: new_slot,
-                },
-                &what,
-            )?;
+        if s.version == 1 && backup_opening(t, &t.old).is_some() {
+            self.restore(i)?;
+        } else {
+            for new_slot in s.of(Holder::New) {
+                let ok = self.opens(i, &t.old, old_slot)?;
+                self.verify(i, ok, || {
+                    format!("keyslot {old_slot} does not open with the old key; keyslot {new_slot} of the new key stays")
+                })?;
+                let what = format!("removing keyslot {new_slot} of the new key");
+                self.write(i, &what, t.volume.destroy_keyslot(new_slot))?;
+                self.step(
+                    Step::RemovedNew {
+                        volume: i,
+                        slot: new_slot,
+                    },
+                    &what,
+                )?;
+            }
         }
-        let ok = self.opens(i, &t.old, old_slot)? && t.volume.check_key(&t.new, &t.name).is_err();
+        let s = self.survey(i)?;
+        let ok = s.of(Holder::New).is_empty() && !s.of(Holder::Old).is_empty();
         self.verify(i, ok, || {
             "after the rollback the volume does not open with the old key only".into()
         })?;
