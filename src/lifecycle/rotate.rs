@@ -1084,7 +1084,7 @@ fn log_step(names: &[&str], s: &Step) {
         }
         Step::Finished { slot, .. } => {
             log::info!(
-                "rotate: {name}: done, the new key (keyslot {slot}) is the only one of the two"
+                "rotate: {name}: the old key opens nothing, the new key opens keyslot {slot}"
             )
         }
         Step::BackupDeleted { .. } => log::info!("rotate: {name}: LUKS1 header backup deleted"),
