@@ -300,7 +300,7 @@ def _xfs_file_sha256(image: str, path: str) -> str:
         return "missing"
     size = int(m.group(1))
     h, done = hashlib.sha256(), 0
-    extents = re.findall(r"startoff (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+)", db(f"path {path}", "bmap"))
+    extents = re.findall(r"offset (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+)", db(f"path {path}", "bmap"))
     with open(image, "rb") as f:
         for startoff, agno, agbno, count in sorted(extents, key=lambda e: int(e[0])):
             if int(startoff) * bs != done:

@@ -15,17 +15,17 @@ issue [8] boots through a real GRUB, whose command line the host does not write;
 because a one-way, fire-and-forget script needs no protocol.
 """
 
+import hashlib
 import io
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .util import HARNESS_DIR, HarnessError, run
+from .util import HARNESS_DIR, HarnessError, run, sha256_file
 
 MiB = 1 << 20
 SCRIPT_SERIAL = "harness-script"
@@ -187,9 +187,7 @@ def read_boot_config(image: Path, work: Path) -> BootConfig:
             ipath = entry["initrd"][0]
             initrd = work / "initrd.img"
             files.dump(ipath, initrd)
-            from .util import sha256_file
             isha = sha256_file(initrd)
-        import hashlib
         return BootConfig(kernel=kernel, initrd=initrd, args=args, title=entry["title"], kernel_path=kpath,
                           initrd_path=ipath, fs_uuid=files.uuid, grub_cfg_sha256=hashlib.sha256(cfg).hexdigest(),
                           initrd_sha256=isha)
@@ -199,10 +197,12 @@ def read_boot_config(image: Path, work: Path) -> BootConfig:
 
 
 def full_cmdline(guest_args: str, extra: str) -> str:
-    """The guest's own arguments, the harness's (those it lacks) and the scenario's."""
+    """The guest's own arguments, then those of HARNESS_ARGS it lacks (console=ttyS0 unless present as such; the
+    others unless the guest sets that parameter itself), then the scenario's."""
     words = guest_args.split()
-    keys = {w.split("=", 1)[0] + ("=" + w.split("=", 1)[1] if w.startswith("console=") else "") for w in words}
-    add = [a for a in HARNESS_ARGS if (a if a.startswith("console=") else a.split("=", 1)[0]) not in keys]
+    names = {w.split("=", 1)[0] for w in words}
+    add = [a for a in HARNESS_ARGS
+           if (a not in words if a.startswith("console=") else a.split("=", 1)[0] not in names)]
     return " ".join(words + add + extra.split())
 
 
@@ -219,6 +219,7 @@ mark BOOT "$BOOT"
 mark SYSTEM_STATE "$state"
 mark BOOT_FINISHED_UPTIME "$up"
 mark BOOT_CMDLINE "$(cat /proc/cmdline)"
+mark BOOT_ANALYZE "$(systemd-analyze time 2>/dev/null | head -n 1)"
 [ "$state" = running ] || systemctl --no-pager --failed
 if [ -d files ]; then cp -a files/. / && mark FILES_INSTALLED "$(find files -type f | wc -l)"; fi
 [ -f setup.sh ] && . ./setup.sh
@@ -280,9 +281,3 @@ def copy_tree_boot(reader: ExtReader, src: str, dest: Path) -> None:
     if p.returncode != 0 or not (dest / Path(src).name).exists():
         raise HarnessError(f"debugfs rdump {src}: {p.stderr.strip()[-300:]}")
 
-
-def tool_path(name: str) -> str:
-    found = shutil.which(name)
-    if not found:
-        raise HarnessError(f"{name} not found")
-    return found

@@ -240,8 +240,9 @@ def _setup_hook_script(flavour: str, marker_string: str, random_file: Path) -> s
     if FLAVOURS[flavour]["tool"] == "dracut":
         conf = f'mkdir -p "$1/etc/dracut.conf.d" && cp {src}/dracut.conf "$1/etc/dracut.conf.d/90-harness.conf"'
     else:
-        conf = (f'mkdir -p "$1/etc/initramfs-tools/conf.d" && '
-                f'cp {src}/initramfs.conf "$1/etc/initramfs-tools/conf.d/harness"')
+        conf = (f'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d" && '
+                f'cp {src}/initramfs.conf "$1/etc/initramfs-tools/conf.d/harness" && '
+                f'cp {src}/initramfs-modules "$1/usr/share/initramfs-tools/modules.d/harness"')
     return (f'{conf} && mkdir -p "$1/etc/initcrypt-test" "$1/var/lib/initcrypt-test" && '
             f'printf "%s\\n" {marker_string} > "$1{MARKER_PATH}" && cp {random_file} "$1{RANDOM_PATH}"')
 
