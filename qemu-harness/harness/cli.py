@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list scenarios (name, default, description)")
     ap.add_argument("--all", action="store_true", help="run every scenario with default = true")
     ap.add_argument("--prepare-only", action="store_true", help="only install/fetch/build the cached parts")
+    ap.add_argument("--selftest", action="store_true",
+                    help="check the host-side parts of the full-OS machinery (no QEMU; about a minute)")
     ap.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                     help="run up to N scenarios at once (TCG: one host thread per vCPU; default 1)")
     ap.add_argument("names", nargs="*", metavar="NAME")
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
                 s = scenario.load(name)
                 print(f"{name:28} {'default' if s.default else 'extra  '}  {s.description}")
             return 0
+        if args.selftest:
+            from . import selftest
+            return selftest.main()
         if args.prepare_only:
             prepare()
             return 0
