@@ -578,6 +578,12 @@ fn rotates_every_layout_the_old_key_opens_nothing_and_a_rerun_changes_nothing() 
         assert_eq!(rv.after[0].key, Holder::New);
         assert_eq!(v.slots(), vec![rv.after[0].slot], "{:?}", v.kind);
     }
+    let json = report.json();
+    let first = format!(
+        r#"{{"result":"rotated","volumes":[{{"name":"osencrypt","header":"{}","luks":2,"before":[{{"slot":0,"key":"old"}}],"after":[{{"slot":1,"key":"new"}}]}},"#,
+        vols[0].header().display()
+    );
+    assert!(json.starts_with(&first), "{json}");
     let lines = report.lines();
     assert!(
         lines[0].starts_with(

@@ -843,6 +843,22 @@ fn wipe_and_remove(path: &Path) -> std::io::Result<()> {
 }
 
 impl Report {
+    /// `--json`: `{"result": "rotated", "volumes": [{"name", "header", "luks", "before": [{"slot",
+    /// "key": "old|new|other"}], "after": [...]}]}`, fields in this order (a struct, not json!{}).
+    pub fn json(&self) -> String {
+        #[derive(Serialize)]
+        struct Output<'a> {
+            result: &'static str,
+            volumes: &'a [VolumeReport],
+        }
+        let doc = Output {
+            result: "rotated",
+            volumes: &self.volumes,
+        };
+        // Plain strings, numbers and enums: serialising cannot fail.
+        serde_json::to_string(&doc).unwrap_or_default()
+    }
+
     /// One line per volume: what it held and what it holds now.
     pub fn lines(&self) -> Vec<String> {
         self.volumes
@@ -1104,8 +1120,7 @@ pub const DONE_LINE: &str =
 
 fn print_report(report: &Report, json: bool) {
     if json {
-        let doc = serde_json::json!({ "result": "rotated", "volumes": report.volumes });
-        println!("{doc}");
+        println!("{}", report.json());
         return;
     }
     for line in report.lines() {
