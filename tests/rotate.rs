@@ -1134,3 +1134,32 @@ fn the_cli_refuses_bad_arguments_with_one_line_and_says_the_new_key_file_goes_ev
     );
     assert!(String::from_utf8_lossy(&nothing.stdout).contains("nothing to rotate"));
 }
+
+#[test]
+fn an_unfinished_luks2_reencryption_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = Keys::new(tmp.path());
+    let vols = build(&tmp.path().join("v"), &keys, &[Kind::Ours]);
+    // ADE's online flow interrupted: `reencrypt --encrypt --init-only` left the requirement flag.
+    let data = tmp.path().join("ade.img");
+    let hdr = tmp.path().join("ade.hdr");
+    truncate(&data, "8M");
+    common::stock_encrypt(&data, &hdr, &keys.old_file(1), &["--init-only"]);
+    let ade = Vol {
+        kind: Kind::Luks2Detached,
+        idx: 1,
+        data,
+        hdr: Some(hdr),
+    };
+    let all = [vols.into_iter().next().unwrap(), ade];
+    let hashes: Vec<String> = all.iter().map(|v| sha256(v.header())).collect();
+    let e = rotate_all(&all, &keys).unwrap_err();
+    assert!(matches!(e, Error::Busy { .. }), "{e}");
+    assert_eq!(e.exit().code(), 6, "{e}");
+    assert!(
+        e.to_string().contains("data0_1") && e.to_string().contains("nothing was written"),
+        "{e}"
+    );
+    let after: Vec<String> = all.iter().map(|v| sha256(v.header())).collect();
+    assert_eq!(after, hashes);
+}
