@@ -660,7 +660,9 @@ impl Run<'_, '_, '_> {
 
     fn delete_backup(&mut self, i: usize) -> Result<(), Stop> {
         let t = &self.targets[i];
-        if !t.backup.exists() || backup_opening(t, &t.old).is_none() {
+        // Whatever key it opens (an older rotation's, too): once every volume holds the new key
+        // only, a backup is only a copy of a keyslot the platform forgets.
+        if !t.backup.exists() {
             return Ok(());
         }
         wipe_and_remove(&t.backup).map_err(|e| Error::BackupLeft {
@@ -698,7 +700,7 @@ impl Run<'_, '_, '_> {
             return Err(Stop::Failed(e));
         }
         for t in self.targets {
-            if t.backup.exists() && backup_opening(t, &t.old).is_some() {
+            if t.backup.exists() {
                 if let Err(e) = wipe_and_remove(&t.backup) {
                     log::warn!("cannot remove {}: {e}", t.backup.display());
                 }
