@@ -320,35 +320,36 @@ impl Keys {
             }
         };
         let vol = LuksVolume::new(&node, header.as_deref());
-        Ok(pick_key(&vol, &v.name, &v.key_file, candidates)?)
+        let mut candidates = candidates;
+        Ok(pick_key(&vol, &v.name, &v.key_file, &candidates)?.map(|i| candidates.swap_remove(i).0))
     }
 }
 
-/// The first candidate key a keyslot of `vol` accepts (checked without activating anything);
-/// `None` when `vol` has no LUKS header to ask. All rejected: `KeyRejected` naming every key
-/// volume tried.
+/// The index of the first candidate key a keyslot of `vol` accepts (checked without activating
+/// anything); `None` when `vol` has no LUKS header to ask. All rejected: `KeyRejected` naming
+/// every key volume tried.
 pub fn pick_key(
     vol: &LuksVolume,
     name: &str,
     key_file: &str,
-    candidates: Vec<(Secret, String)>,
-) -> Result<Option<Secret>, luks::Error> {
+    candidates: &[(Secret, String)],
+) -> Result<Option<usize>, luks::Error> {
     let mut tried = Vec::new();
-    for (key, device) in candidates {
-        match vol.check_key(&key, key_file) {
+    for (i, (key, device)) in candidates.iter().enumerate() {
+        match vol.check_key(key, key_file) {
             Ok(slot) => {
                 log::info!(
                     "{name}: the {key_file} key from {device} opens keyslot {slot} (another key volume holds a different one: a key rotation is under way)"
                 );
-                return Ok(Some(key));
+                return Ok(Some(i));
             }
-            Err(luks::Error::KeyRejected { .. }) => tried.push(device),
+            Err(luks::Error::KeyRejected { .. }) => tried.push(device.as_str()),
             Err(luks::Error::NotLuks { .. }) => return Ok(None),
             Err(e) => return Err(e),
         }
     }
     Err(luks::Error::KeyRejected {
-        device: vol.data_path().display().to_string(),
+        device: vol.data_device().display().to_string(),
         key_file: format!("{key_file} (on {})", tried.join(" and ")),
     })
 }
@@ -416,8 +417,17 @@ fn converge(
     timeout: Duration,
 ) -> Result<(Settled, bool), Error> {
     let mut acted = false;
-    for _ in 0..4 {
+    let mut rotation_checked = false;
+    for _ in 0..5 {
         let loc = locate(v, timeout, Access::ReadOnly)?;
+        let backup = loc.header.as_deref().map(rotation_backup);
+        if !rotation_checked && backup.is_some_and(|b| b.exists()) {
+            // A key rotation left a LUKS1 header backup: repair first, if the header was torn.
+            drop(loc);
+            rotation_checked = true;
+            acted |= repair_torn_luks1(v, keys, timeout)?;
+            continue;
+        }
         // A pass remounts the boot partition read-write: the read-only mount goes first.
         match next_step(want, observe(v, &loc)?) {
             Step::Done => return Ok((Settled::Done, acted)),
@@ -443,6 +453,72 @@ fn converge(
             why: "the volume did not settle after its pass; check `initcrypt status`".into(),
         },
     })
+}
+
+/// `rotate` backs a LUKS1 header up next to it before changing it (LUKS1 keeps one header copy,
+/// which a power cut during a keyslot write can tear). If the header no longer loads, or no key we
+/// hold opens it, while the backup does open with one of them, the backup is written back before
+/// anything else: otherwise the volume, and for the OS the VM, would never open again. The next
+/// `rotate` finishes the rotation. Costs nothing but a stat unless a rotation left a backup.
+fn repair_torn_luks1(v: &Volume, keys: &Keys, timeout: Duration) -> Result<bool, Error> {
+    if !matches!(v.header, Header::Detached { .. }) {
+        return Ok(false);
+    }
+    let loc = locate(v, timeout, Access::ReadOnly)?;
+    let Some(h) = loc.header.clone() else {
+        return Ok(false);
+    };
+    let backup = rotation_backup(&h);
+    if !backup.exists() || !h.exists() {
+        return Ok(false);
+    }
+    let node = loc.dev.checked_node()?;
+    let candidates = keys.volumes(v)?.candidates(&v.key_file)?;
+    if !restore_wanted(&node, &h, &backup, &v.name, &v.key_file, candidates)? {
+        return Ok(false);
+    }
+    drop(loc);
+    let loc = locate(v, timeout, Access::ReadWrite)?;
+    let header = loc.header.clone().unwrap_or(h);
+    LuksVolume::new(&node, Some(&header)).restore_luks1_header(&rotation_backup(&header))?;
+    log::warn!(
+        "{}: its LUKS1 header {} was damaged during a key rotation and was restored from {}; run `initcrypt rotate` again to finish the rotation",
+        v.name,
+        header.display(),
+        backup.display()
+    );
+    Ok(true)
+}
+
+/// Where `rotate` keeps the backup of a detached LUKS1 header.
+fn rotation_backup(header: &Path) -> PathBuf {
+    let mut s = header.as_os_str().to_owned();
+    s.push(crate::lifecycle::rotate::BACKUP_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// Whether the header at `header` is torn (does not load as LUKS1, or no candidate opens it) while
+/// the LUKS1 backup opens with a candidate: only then is restoring it both needed and safe.
+pub fn restore_wanted(
+    node: &Path,
+    header: &Path,
+    backup: &Path,
+    name: &str,
+    key_file: &str,
+    candidates: Vec<(Secret, String)>,
+) -> Result<bool, Error> {
+    let current = LuksVolume::new(node, Some(header));
+    let healthy = match current.info() {
+        Ok(i) if i.version != 1 => return Ok(false),
+        Ok(_) => pick_key(&current, name, key_file, &candidates).is_ok(),
+        Err(_) => false,
+    };
+    if healthy {
+        return Ok(false);
+    }
+    let saved = LuksVolume::new(node, Some(backup));
+    Ok(matches!(saved.info(), Ok(i) if i.version == 1)
+        && matches!(pick_key(&saved, name, key_file, &candidates), Ok(Some(_))))
 }
 
 /// Reconcile one volume with its desired state, then open it if it is to be encrypted.

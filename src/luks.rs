@@ -11,7 +11,7 @@ use libcryptsetup_rs::consts::flags::{
     CryptActivate, CryptPbkdf, CryptReencrypt, CryptRequirement, CryptVolumeKey,
 };
 use libcryptsetup_rs::consts::vals::{
-    CryptKdf, CryptReencryptDirectionInfo, CryptReencryptModeInfo, EncryptionFormat,
+    CryptKdf, CryptReencryptDirectionInfo, CryptReencryptModeInfo, EncryptionFormat, KeyslotInfo,
 };
 use libcryptsetup_rs::{
     CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptParamsReencrypt,
@@ -111,11 +111,6 @@ impl LuksVolume {
             data: data.to_path_buf(),
             header: header.map(Path::to_path_buf),
         }
-    }
-
-    /// The data device (or image) this handle names.
-    pub fn data_path(&self) -> &Path {
-        &self.data
     }
 
     fn header_path(&self) -> &Path {
@@ -420,5 +415,150 @@ fn segment_size(dev: &mut CryptDevice) -> Result<Option<u64>, String> {
             .parse::<u64>()
             .map(Some)
             .map_err(|_| format!("segment 0 size {n:?} is neither dynamic nor a number")),
+    }
+}
+
+/// What `rotate` needs from a header: which keyslots a key opens, adding one next to a verified
+/// one, destroying one, and (LUKS1 only, whose single header copy is not updated atomically) a
+/// header backup. Every call takes a fresh context, so what it reports is what the disk holds now,
+/// not what an earlier context cached.
+impl LuksVolume {
+    /// The file (or device, for an attached header) holding the header.
+    pub fn header_file(&self) -> &Path {
+        self.header_path()
+    }
+
+    /// The data device.
+    pub fn data_device(&self) -> &Path {
+        &self.data
+    }
+
+    /// A context for the header without loading it: restoring a damaged header cannot load it first.
+    fn bare_context(&self) -> Result<CryptDevice, Error> {
+        let init = match &self.header {
+            Some(h) => {
+                CryptInit::init_with_data_device(Either::Right((h.as_path(), self.data.as_path())))
+            }
+            None => CryptInit::init(&self.data),
+        };
+        init.map_err(|e| Error::Library {
+            device: self.header_name(),
+            during: "initialising",
+            detail: e.to_string(),
+        })
+    }
+
+    fn keyslot_error(&self, during: &'static str, slot: Option<u32>, e: LibcryptErr) -> Error {
+        Error::Library {
+            device: self.header_name(),
+            during,
+            detail: match slot {
+                Some(s) => format!("keyslot {s}: {e}"),
+                None => e.to_string(),
+            },
+        }
+    }
+
+    /// The keyslots holding a copy of the volume key (LUKS2 unbound slots hold none).
+    pub fn active_keyslots(&self) -> Result<Vec<u32>, Error> {
+        let mut dev = self.context()?;
+        let fmt = dev
+            .format_handle()
+            .get_type()
+            .map_err(|e| self.keyslot_error("reading the LUKS version", None, e))?;
+        let max = libcryptsetup_rs::CryptKeyslotHandle::max_keyslots(fmt)
+            .map_err(|e| self.keyslot_error("counting keyslots", None, e))?;
+        let mut active = Vec::new();
+        for slot in 0..max {
+            if matches!(
+                dev.keyslot_handle().status(slot),
+                Ok(KeyslotInfo::Active) | Ok(KeyslotInfo::ActiveLast)
+            ) {
+                active.push(slot);
+            }
+        }
+        Ok(active)
+    }
+
+    /// The slots among `slots` that `key` opens (one PBKDF each; nothing is activated or written).
+    pub fn slots_opened_by(&self, key: &Secret, slots: &[u32]) -> Result<Vec<u32>, Error> {
+        let mut dev = self.context()?;
+        let mut opened = Vec::new();
+        for &slot in slots {
+            match dev.activate_handle().activate_by_passphrase(
+                None,
+                Some(slot),
+                key.expose(),
+                CryptActivate::empty(),
+            ) {
+                Ok(_) => opened.push(slot),
+                Err(e) if matches!(errno_of(&e), Some(libc::EPERM) | Some(libc::ENOENT)) => {}
+                Err(e) => return Err(self.keyslot_error("checking a key", Some(slot), e)),
+            }
+        }
+        Ok(opened)
+    }
+
+    /// Whether `key` opens keyslot `slot`, read from the disk now.
+    pub fn key_opens_slot(&self, key: &Secret, slot: u32) -> Result<bool, Error> {
+        Ok(!self.slots_opened_by(key, &[slot])?.is_empty())
+    }
+
+    /// Add a keyslot for `new`, unlocked with `unlock`, with the PBKDF parameters of keyslot `like`
+    /// (the slot `unlock` opens): the new slot costs the boot what the old one did, and our own
+    /// pbkdf2-at-the-minimum volumes stay that way. One header update. Returns the new slot.
+    pub fn add_keyslot_like(&self, unlock: &Secret, new: &Secret, like: u32) -> Result<u32, Error> {
+        std::fs::create_dir_all("/run/cryptsetup").ok(); // LUKS2 metadata lock directory
+        let mut dev = self.context()?;
+        let mut pbkdf = dev
+            .keyslot_handle()
+            .get_pbkdf(like)
+            .map_err(|e| self.keyslot_error("reading the PBKDF", Some(like), e))?;
+        pbkdf.flags = CryptPbkdf::NO_BENCHMARK;
+        pbkdf.time_ms = 0;
+        dev.settings_handle()
+            .set_pbkdf_type(&pbkdf)
+            .map_err(|e| self.keyslot_error("setting the PBKDF", Some(like), e))?;
+        dev.keyslot_handle()
+            .add_by_passphrase(None, unlock.expose(), new.expose())
+            .map_err(|e| self.keyslot_error("adding a keyslot", None, e))
+    }
+
+    /// Destroy keyslot `slot` (libcryptsetup wipes its key material, then updates the header).
+    /// Whether another slot still opens the volume is the caller's to check first.
+    pub fn destroy_keyslot(&self, slot: u32) -> Result<(), Error> {
+        std::fs::create_dir_all("/run/cryptsetup").ok();
+        let mut dev = self.context()?;
+        dev.keyslot_handle()
+            .destroy(slot)
+            .map_err(|e| self.keyslot_error("destroying a keyslot", Some(slot), e))
+    }
+
+    /// Copy the header and keyslot area to `to`, which must not exist (libcryptsetup creates it 0400).
+    pub fn backup_header(&self, to: &Path) -> Result<(), Error> {
+        let mut dev = self.context()?;
+        dev.backup_handle()
+            .header_backup(None, to)
+            .map_err(|e| self.keyslot_error("backing up the header", None, e))
+    }
+
+    /// Write the LUKS1 header backup `from` over the header, even a damaged one.
+    pub fn restore_luks1_header(&self, from: &Path) -> Result<(), Error> {
+        let mut dev = self.bare_context()?;
+        dev.backup_handle()
+            .header_restore(Some(EncryptionFormat::Luks1), from)
+            .map_err(|e| self.keyslot_error("restoring the header backup", None, e))
+    }
+
+    /// fsync the header file or device: libcryptsetup syncs its own writes, but a keyslot step
+    /// must be durable before the next one starts, whatever the library version does.
+    pub fn sync_header(&self) -> Result<(), Error> {
+        std::fs::File::open(self.header_path())
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::Library {
+                device: self.header_name(),
+                during: "syncing the header",
+                detail: e.to_string(),
+            })
     }
 }

@@ -190,10 +190,20 @@ struct DisableCmd {
     volume_type: String,
 }
 
-/// replace the passphrase in every keyslot (not implemented yet)
+/// replace the key of every encrypted volume: the new key is added and verified on every volume before any old keyslot is removed; any failure rolls back, and after an interruption the same command finishes. Platform order: attach the new key volume, run rotate, detach the old key volume only after rotate exits 0
 #[derive(FromArgs)]
 #[argh(subcommand, name = "rotate")]
-struct RotateCmd {}
+struct RotateCmd {
+    /// the new key volume (FAT "BEK VOLUME", device or image), holding each volume's new key under the same file name as the key volume the VM booted with
+    #[argh(option)]
+    new_key_volume: Option<PathBuf>,
+    /// a file whose exact bytes (no newline stripped) become the new key of EVERY volume; instead of --new-key-volume
+    #[argh(option)]
+    new_key_file: Option<PathBuf>,
+    /// print each volume's keyslots before and after as JSON
+    #[argh(switch)]
+    json: bool,
+}
 
 /// pre-flight checks only (not implemented yet)
 #[derive(FromArgs)]
@@ -349,7 +359,15 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
         Cmd::Decrypt(d) => boot::pass_one(cfg, params, &d.name, Direction::Decrypt)?,
         Cmd::Enable(_) => not_yet("enable")?,
         Cmd::Disable(_) => not_yet("disable")?,
-        Cmd::Rotate(_) => not_yet("rotate")?,
+        Cmd::Rotate(r) => initcrypt::lifecycle::rotate::run(
+            cfg,
+            params,
+            &initcrypt::lifecycle::rotate::Args {
+                new_key_volume: r.new_key_volume.as_deref(),
+                new_key_file: r.new_key_file.as_deref(),
+                json: r.json,
+            },
+        )?,
         Cmd::Check(_) => not_yet("check")?,
     }
     Ok(())

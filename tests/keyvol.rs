@@ -307,17 +307,17 @@ fn two_key_volumes_with_different_keys_let_the_header_choose() {
     std::fs::write(&keyfile, &new).unwrap();
     common::stock_encrypt(&img, &hdr, &keyfile, &[]);
     let vol = LuksVolume::new(&img, Some(&hdr));
-    let picked = initcrypt::boot::pick_key(&vol, "osencrypt", "LinuxPassPhraseFileName", cands)
+    let picked = initcrypt::boot::pick_key(&vol, "osencrypt", "LinuxPassPhraseFileName", &cands)
         .unwrap()
         .expect("a header to ask");
-    assert_eq!(picked.expose(), &new[..]);
+    assert_eq!(cands[picked].0.expose(), &new[..]);
     // Neither key: rejected, naming both key volumes.
     let other = KeyVolumes(vec![open_path(&a).unwrap()]);
     let err = initcrypt::boot::pick_key(
         &vol,
         "osencrypt",
         "LinuxPassPhraseFileName",
-        other.candidates("LinuxPassPhraseFileName").unwrap(),
+        &other.candidates("LinuxPassPhraseFileName").unwrap(),
     )
     .unwrap_err();
     assert!(
@@ -335,4 +335,66 @@ fn two_key_volumes_with_different_keys_let_the_header_choose() {
     );
     let same = KeyVolumes(vec![open_path(&a).unwrap(), open_path(&c).unwrap()]);
     assert_eq!(same.candidates("LinuxPassPhraseFileName").unwrap().len(), 1);
+}
+
+/// A power cut while `rotate` rewrote a LUKS1 header (one copy, no checksum) may tear it: the
+/// boot then restores rotate's backup, but only when the header is really unusable and the backup
+/// opens with a key it holds.
+#[test]
+fn a_torn_luks1_header_is_restored_from_the_rotation_backup_only_when_needed() {
+    use initcrypt::boot::restore_wanted;
+    use initcrypt::luks::LuksVolume;
+    use initcrypt::secret::Secret;
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::ade_passphrase(3);
+    let keyfile = dir.path().join("key");
+    std::fs::write(&keyfile, &key).unwrap();
+    let img = dir.path().join("root.img");
+    common::truncate(&img, "20M");
+    common::run("mkfs.ext4", &["-q", img.to_str().unwrap()]);
+    let hdr = dir.path().join("osluksheader");
+    common::stock_encrypt(&img, &hdr, &keyfile, &["--sector-size", "512"]);
+    common::run(
+        "cryptsetup",
+        &["-q", "convert", "--type", "luks1", hdr.to_str().unwrap()],
+    );
+    let backup = dir.path().join("osluksheader.rotate-backup");
+    std::fs::copy(&hdr, &backup).unwrap();
+    let cands = |k: &[u8]| {
+        vec![(
+            Secret::new(zeroize::Zeroizing::new(k.to_vec())),
+            "bek".to_string(),
+        )]
+    };
+    let wanted = |c| {
+        restore_wanted(
+            &img,
+            &hdr,
+            &backup,
+            "osencrypt",
+            "LinuxPassPhraseFileName",
+            c,
+        )
+    };
+    assert!(!wanted(cands(&key)).unwrap(), "a healthy header stays");
+    // Torn: the first sector of the phdr (magic, cipher, key digest) is garbage.
+    let mut b = std::fs::read(&hdr).unwrap();
+    b[..512].fill(0x5a);
+    std::fs::write(&hdr, &b).unwrap();
+    assert!(
+        !wanted(cands(b"another key")).unwrap(),
+        "a backup no key we hold opens is never restored"
+    );
+    assert!(wanted(cands(&key)).unwrap());
+    LuksVolume::new(&img, Some(&hdr))
+        .restore_luks1_header(&backup)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&hdr).unwrap(),
+        std::fs::read(&backup).unwrap()
+    );
+    assert!(
+        !wanted(cands(&key)).unwrap(),
+        "restored: nothing more to do"
+    );
 }
