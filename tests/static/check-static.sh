@@ -147,7 +147,7 @@ else
     head -c $((8 << 20)) /dev/urandom >"$TMP/data.img"
     plain=$(sha256sum <"$TMP/data.img")
     head -c 127 /dev/urandom | base64 -w0 >"$TMP/pass.key"
-    traced encrypt-image 0 "$BIN" encrypt-image --device "$TMP/data.img" --header "$TMP/hdr" --key-file "$TMP/pass.key"
+    traced encrypt-image 0 "$BIN" encrypt-image --raw --device "$TMP/data.img" --header "$TMP/hdr" --key-file "$TMP/pass.key"
     if [ "$(sha256sum <"$TMP/data.img")" != "$plain" ] && [ -s "$TMP/hdr" ]; then
       ok "encrypt-image changed the data and wrote a LUKS2 header"
     else
