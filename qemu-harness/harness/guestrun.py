@@ -14,12 +14,6 @@ from .binary import Binary
 from .scenario import BootSpec, DiskSpec, Scenario, expand
 from .util import HarnessError, log, sha256_file
 
-FIRSTBOOT_SCRIPT = """\
-update-grub
-mark UPDATE_GRUB_RC $?
-"""
-
-
 def _boot_vm(cmd: list[str], serial: Path, timeout: float, hotplugs=(), kill=None) -> vm.VmResult:
     qmp_sock = vm.make_qmp_path()
     cmd = list(cmd)
@@ -43,7 +37,7 @@ def first_boot(meta: dict, tree: Path, work: Path) -> None:
     guestimage.make_disk(tree, img, meta)
     kver = meta["kver"]
     script = work / "firstboot.script.img"
-    guestboot.script_disk(script, boot=0, end="poweroff", script=FIRSTBOOT_SCRIPT)
+    guestboot.script_disk(script, boot=0, end="poweroff", script=guestimage.FIRSTBOOT_SCRIPT)
     os_disk = DiskSpec(name="os", builder="guest-os")
     spec = _script_spec()
     args = guestboot.full_cmdline(f"root=UUID={meta['fs_uuid']['root']} ro console=ttyS0", "")
