@@ -138,11 +138,12 @@ def hotplug(qmp: Qmp, disk: DiskSpec, image: Path) -> None:
 
 
 def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[tuple[DiskSpec, Path]],
-           qmp_sock: Path, kill: KillPlan | None = None) -> VmResult:
+           qmp_sock: Path, kill: KillPlan | None = None, line_hook=None) -> VmResult:
     """Run QEMU, copy its serial console to serial_log (plus host timestamps to serial_log.with .times),
     hot-plug disks at their times, kill it after timeout. With a KillPlan: SIGKILL (a power cut: writes QEMU
     already issued to the raw image files survive, the guest's caches and in-flight requests do not)
-    kill.delay seconds after the first line matching kill.pattern."""
+    kill.delay seconds after the first line matching kill.pattern. line_hook(text, t): called for every console
+    line from the reader thread (full-OS guests: disk requests)."""
     if shutil.which(cmd[0]) is None:
         raise HarnessError(f"{cmd[0]} not found")
     t0 = time.monotonic()
@@ -158,6 +159,8 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
             proc.kill()
 
     def on_line(text: str, t: float):
+        if line_hook:
+            line_hook(text, t)
         if kill and state["trigger_at"] is None and kill.pattern.search(text):
             state.update(trigger_at=t, trigger_line=text.strip().replace("\r", " ")[-300:])
             timer = threading.Timer(kill.delay, power_cut)
