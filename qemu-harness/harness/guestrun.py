@@ -13,8 +13,9 @@ from pathlib import Path
 
 from . import check, diskcheck, disks, guestboot, guestimage, vm
 from .binary import Binary
-from .scenario import BootSpec, DiskSpec, Scenario, expand
+from .scenario import DiskSpec, Scenario, expand
 from .util import HarnessError, log, sha256_file
+
 
 class DiskRequests:
     """Disks the guest's script asks for while it runs: `hotplug NAME` prints @@HOTPLUG_REQUEST=NAME, `unplug NAME`
