@@ -317,7 +317,7 @@ def _load_guest(name: str, path: Path, data: dict) -> Scenario:
         boots.append(spec)
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
-        memory=int(data.get("memory", 1024)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 300)),
+        memory=int(data.get("memory", 1024)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 600)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files={}, guest_script="", guest_tools=[],
         expect_in_order=[], expect_present=[], expect_absent=data.get("expect_absent", []), expect_facts={},
         expect_disk=_load_expect_disk(path, data, names), path=path, guest=guest, boots=boots)
