@@ -28,6 +28,7 @@ class DiskRequests:
         self.errors: list[str] = []
         self.done: list[str] = []
         self.sock: Path | None = None
+        self.t0 = time.monotonic()  # reset when QEMU starts: the .times file counts from there
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
@@ -61,7 +62,7 @@ class DiskRequests:
                         raise HarnessError("blockdev-del: the guest never released the device")
                 self.done.append(f"{kind.lower()} {name}")
                 with open(self.times, "a") as f:
-                    f.write(f"HOST {kind.lower()} of {name} done\n")
+                    f.write(f"{time.monotonic() - self.t0:8.3f} HOST {kind.lower()} of {name} done\n")
             except (HarnessError, OSError) as e:
                 self.errors.append(f"{kind.lower()} of {name} (asked by the guest): {e}")
         if qmp:
@@ -81,7 +82,7 @@ def _boot_vm(cmd: list[str], serial: Path, timeout: float, hotplugs=(), kill=Non
     i = cmd.index("-qmp") + 1
     cmd[i] = cmd[i].replace("unix:/QMP,", f"unix:{qmp_sock},")
     if requests:
-        requests.sock = qmp_sock
+        requests.sock, requests.t0 = qmp_sock, time.monotonic()
     try:
         r = vm.run_vm(cmd, serial_log=serial, timeout=timeout, hotplugs=list(hotplugs), qmp_sock=qmp_sock,
                       kill=kill, line_hook=requests.line if requests else None)
