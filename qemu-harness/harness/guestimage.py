@@ -10,7 +10,7 @@ host without loop devices or mounts, cached in two layers:
           package's trigger/postinst rebuilds the initramfs with the distribution's own tool. Written as a GPT
           disk image (disk.img) + meta.json. Keyed by the base and the package's content (not its mtimes).
 
-Cache: ${INITCRYPT_CACHE:-/var/cache/initcrypt}/qemu/guest/
+Cache: ${INITCRYPT_CACHE:-/var/cache/initcrypt}/qemu/guest/v<FORMAT>/
   base-<flavour>-<key>/{tree/, meta.json, firstboot.serial.log, mmdebstrap.log}
   <flavour>-<basekey>-deb-<debkey>/{disk.img, meta.json, dpkg.log}
 Every entry is built in a `.tmp.<pid>` folder renamed into place at the end (a half-built entry is never used) under
@@ -78,7 +78,8 @@ class GuestImage:
 
 
 def cache_root() -> Path:
-    d = Path(os.environ.get("INITCRYPT_CACHE", "/var/cache/initcrypt")) / "qemu" / "guest"
+    """One folder per FORMAT: a worktree running an older harness never sees (nor cleans up) these entries."""
+    d = Path(os.environ.get("INITCRYPT_CACHE", "/var/cache/initcrypt")) / "qemu" / "guest" / f"v{FORMAT}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
