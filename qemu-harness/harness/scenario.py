@@ -25,8 +25,8 @@ BOOT_KEYS = {"script", "end", "kernel_args", "disks", "files", "timeout", "expec
 BOOT_POWER_CUT_KEYS = {"after", "max_delay", "min_delay", "seed", "repeat"}
 INITRAMFS_KINDS = ("harness", "dracut", "mkinitramfs")
 REAL_INITRAMFS_FILES = {"/etc/initcrypt/volumes.json"}  # what a staged install can carry into a real image
-DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
-                    "logical_block_size"}
+DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "hotplug_on", "readonly",
+                    "physical_block_size", "logical_block_size"}
 DISK_EXPECT_KEYS = {"unchanged", "decrypts_to_original", "luks_sector_size", "plaintext_original", "encrypted",
                     "plaintext", "header"}
 POWER_CUT_KEYS = {"boots", "seed", "after", "max_delay", "min_delay", "until", "min_cuts_in_pass"}
@@ -48,6 +48,7 @@ class DiskSpec:
     controller: int = 0
     lun: int = 0
     hotplug_after: float | None = None
+    hotplug_on: str | None = None    # a console-line regex: hot-plugged hotplug_after (default 0) s after it
     readonly: bool = False
     physical_block_size: int | None = None  # None: QEMU's default (512)
     logical_block_size: int = 512
@@ -228,6 +229,12 @@ def _load_disks(path: Path, data: dict) -> list[DiskSpec]:
             _fail(path, f"disk name {d['name']!r} must match {NAME_RE.pattern} and not be key, boot, bootN or hscript")
         attach = {k: d.pop(k) for k in list(d) if k in DISK_ATTACH_KEYS}
         spec = DiskSpec(**attach, params=d)
+        if spec.hotplug_on is not None:
+            try:
+                re.compile(spec.hotplug_on)
+            except re.error as e:
+                _fail(path, f"disk {spec.name}: hotplug_on: {e}")
+            spec.hotplug_after = spec.hotplug_after or 0.0
         if spec.bus not in ("virtio", "scsi"):
             _fail(path, f"disk {spec.name}: bus must be virtio or scsi")
         disks.append(spec)

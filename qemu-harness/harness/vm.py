@@ -149,7 +149,8 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     times_path = serial_log.with_name(serial_log.stem + ".times")
-    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None}
+    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None, "hotplug_seen": {}}
+    line_plugs = [(d, re.compile(d.hotplug_on)) for d, _ in hotplugs if d.hotplug_on]
     timers: list[threading.Timer] = []
 
     def power_cut():
@@ -161,6 +162,9 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
     def on_line(text: str, t: float):
         if line_hook:
             line_hook(text, t)
+        for d, pattern in line_plugs:
+            if d.name not in state["hotplug_seen"] and pattern.search(text):
+                state["hotplug_seen"][d.name] = t
         if kill and state["trigger_at"] is None and kill.pattern.search(text):
             state.update(trigger_at=t, trigger_line=text.strip().replace("\r", " ")[-300:])
             timer = threading.Timer(kill.delay, power_cut)
@@ -173,17 +177,27 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
     errors: list[str] = []
     qmp = None
     try:
-        for disk, image in sorted(hotplugs, key=lambda h: h[0].hotplug_after):
-            wait = t0 + disk.hotplug_after - time.monotonic()
-            if wait > 0 and _wait(proc, wait):
-                errors.append(f"guest ended before hot-plug of {disk.name}")
+        pending = list(hotplugs)
+        while pending:
+            now = time.monotonic() - t0
+            for disk, image in list(pending):
+                if disk.hotplug_on:  # hotplug_after seconds after the first console line matching hotplug_on
+                    seen = state["hotplug_seen"].get(disk.name)
+                    due = None if seen is None else seen + (disk.hotplug_after or 0)
+                else:
+                    due = disk.hotplug_after
+                if due is None or now < due:
+                    continue
+                pending.remove((disk, image))
+                try:
+                    qmp = qmp or Qmp(qmp_sock)
+                    hotplug(qmp, disk, image)
+                    _note(times_path, t0, f"HOST hot-plugged {disk.name}")
+                except (HarnessError, OSError) as e:
+                    errors.append(f"hot-plug of {disk.name}: {e}")
+            if pending and _wait(proc, 0.05):
+                errors += [f"guest ended before hot-plug of {d.name}" for d, _ in pending]
                 break
-            try:
-                qmp = qmp or Qmp(qmp_sock)
-                hotplug(qmp, disk, image)
-                _note(times_path, t0, f"HOST hot-plugged {disk.name}")
-            except (HarnessError, OSError) as e:
-                errors.append(f"hot-plug of {disk.name}: {e}")
         timed_out = _wait(proc, t0 + timeout - time.monotonic()) is False
         if timed_out:
             proc.kill()
@@ -197,6 +211,7 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
         reader.join(5)
         for timer in timers:
             timer.cancel()
+    state.pop("hotplug_seen")
     return VmResult(timed_out=timed_out, returncode=proc.returncode, wall=time.monotonic() - t0,
                     hotplug_errors=errors, **state)
 
