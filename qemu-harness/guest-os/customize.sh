@@ -6,6 +6,10 @@
 #   $4 root fs UUID  $5 boot fs UUID
 set -eu
 root=$1 src=$2 flavour=$3 root_uuid=$4 boot_uuid=$5
+case $flavour in
+dracut | initramfs-tools) ;;
+*) echo "customize.sh: unknown flavour $flavour" >&2; exit 1 ;;
+esac
 
 # fstab by UUID, like a real image: separate /boot (RHEL/CentOS-like layout)
 cat >"$root/etc/fstab" <<FSTAB

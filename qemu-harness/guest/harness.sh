@@ -50,3 +50,21 @@ mount_sha() {
 block_size() { blockdev --getsize64 "$1"; }
 
 dump_dmesg() { echo "----- dmesg -----"; dmesg; echo "----- end dmesg -----"; }
+
+# Full-OS guests only (the host answers these lines through QMP while the script runs):
+# hotplug NAME [PATH]: attach the scenario's [[disk]] NAME now; waits up to 60 s for PATH (default its virtio by-id link)
+hotplug() {
+	echo "@@HOTPLUG_REQUEST=$1"
+	p=${2:-/dev/disk/by-id/virtio-$1}
+	i=0
+	while [ ! -e "$p" ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+	[ -e "$p" ]
+}
+# unplug NAME [PATH]: detach it (ACPI eject); waits up to 60 s for PATH to go
+unplug() {
+	echo "@@UNPLUG_REQUEST=$1"
+	p=${2:-/dev/disk/by-id/virtio-$1}
+	i=0
+	while [ -e "$p" ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+	[ ! -e "$p" ]
+}

@@ -164,7 +164,7 @@ def read_boot_config(image: Path, work: Path) -> BootConfig:
             for path in ("/grub/grub.cfg", "/boot/grub/grub.cfg"):
                 data = r.cat(path)
                 if data:
-                    cfg, cfg_reader, cfg_path = data, r, path
+                    cfg, cfg_reader = data, r
                     break
             if cfg:
                 break

@@ -10,7 +10,7 @@ host without loop devices or mounts, cached in two layers:
           package's trigger/postinst rebuilds the initramfs with the distribution's own tool. Written as a GPT
           disk image (disk.img) + meta.json. Keyed by the base and the package's content (not its mtimes).
 
-Cache: ${INITCRYPT_CACHE:-/var/cache/initcrypt}/qemu/guest/
+Cache: ${INITCRYPT_CACHE:-/var/cache/initcrypt}/qemu/guest/v<FORMAT>/
   base-<flavour>-<key>/{tree/, meta.json, firstboot.serial.log, mmdebstrap.log}
   <flavour>-<basekey>-deb-<debkey>/{disk.img, meta.json, dpkg.log}
 Every entry is built in a `.tmp.<pid>` folder renamed into place at the end (a half-built entry is never used) under
@@ -38,7 +38,9 @@ from pathlib import Path
 from .util import HARNESS_DIR, REPO_ROOT, HarnessError, log, run, sha256_file
 
 GUEST_OS_DIR = HARNESS_DIR / "guest-os"
-FORMAT = "1"  # bump when the layout changes in a way the hashed inputs do not show
+# Bump when the build steps below change what the image holds: the key hashes the inputs (packages, sizes, mirror,
+# guest-os/ files), not this module's code, so that a change of the cache logic does not rebuild every image.
+FORMAT = "2"
 SUITE = "bookworm"
 COMMON_PACKAGES = ["systemd", "systemd-sysv", "udev", "linux-image-cloud-amd64", "e2fsprogs", "xfsprogs",
                    "util-linux", "kmod", "cryptsetup-bin", "dmsetup", "grub2-common", "grub-pc-bin", "dbus"]
@@ -58,8 +60,14 @@ BIOS_BOOT_GUID = "21686148-6449-6E6F-744E-656564454649"
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 MARKER_PATH = "/etc/initcrypt-test/marker"
 RANDOM_PATH = "/var/lib/initcrypt-test/random.bin"
-KEEP_DEB_LAYERS = 4  # per flavour: other worktrees may use other builds of the package at the same time
-FIRSTBOOT_TIMEOUT = 600
+KEEP_DEB_LAYERS = 4  # per base: other worktrees may use other builds of the package at the same time
+STALE_DAYS = 3       # entries of another base key (another harness version) unused this long are removed
+FIRSTBOOT_TIMEOUT = 900
+# what the image-building first boot runs in the guest (guestrun.first_boot)
+FIRSTBOOT_SCRIPT = """\
+update-grub
+mark UPDATE_GRUB_RC $?
+"""
 
 
 @dataclass
@@ -70,7 +78,8 @@ class GuestImage:
 
 
 def cache_root() -> Path:
-    d = Path(os.environ.get("INITCRYPT_CACHE", "/var/cache/initcrypt")) / "qemu" / "guest"
+    """One folder per FORMAT: a worktree running an older harness never sees (nor cleans up) these entries."""
+    d = Path(os.environ.get("INITCRYPT_CACHE", "/var/cache/initcrypt")) / "qemu" / "guest" / f"v{FORMAT}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -159,7 +168,8 @@ def base_key(flavour: str) -> str:
     h.update(f"packages {COMMON_PACKAGES} {FLAVOURS[flavour]['packages']}\n".encode())
     h.update(f"layout {BOOT_SIZE} {ROOT_SIZE} {BIOS_SIZE} {ESP_SIZE} {RANDOM_SIZE}\n".encode())
     h.update(debian_sources().encode())
-    for f in sorted(GUEST_OS_DIR.iterdir()) + [Path(__file__)]:
+    h.update(FIRSTBOOT_SCRIPT.encode())
+    for f in sorted(GUEST_OS_DIR.iterdir()):
         h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 
@@ -370,6 +380,7 @@ def ensure_deb_layer(flavour: str, deb: Path, kernel_boot) -> GuestImage:
             log(f"guest image: {final.name} in {meta['layer_seconds']:.0f} s (copy {t_copy:.0f} s, dpkg -i + "
                 f"initramfs {t_dpkg:.0f} s)")
         (final / "meta.json").touch()  # last use, for the clean-up below
+        (base / "meta.json").touch()
         meta = json.loads((final / "meta.json").read_text())
     _forget_old_layers(flavour, base_meta["key"], keep=final)
     return GuestImage(flavour=flavour, disk=final / "disk.img", meta=meta)
@@ -387,17 +398,20 @@ def copy_disk(img: GuestImage, dest: Path) -> None:
 
 
 def _forget_old_layers(flavour: str, bkey: str, keep: Path) -> None:
-    """Keep the KEEP_DEB_LAYERS most recently used deb layers of this base; older ones go (unless locked: in use),
-    and so do bases of this flavour with another key."""
+    """Cache clean-up. Deb layers of this base beyond the KEEP_DEB_LAYERS most recently used ones go once unused for
+    an hour; entries of other base keys (another version of the harness, maybe in another worktree that still uses
+    them) only once unused for STALE_DAYS. A locked entry (being built or copied) is never removed."""
     root = cache_root()
-    layers = sorted((p for p in root.glob(f"{flavour}-{bkey}-deb-*") if p.is_dir() and ".tmp." not in p.name),
-                    key=lambda p: (p / "meta.json").stat().st_mtime if (p / "meta.json").exists() else 0,
-                    reverse=True)
-    old = [p for p in layers[KEEP_DEB_LAYERS:] if p != keep]
-    old += [p for p in root.glob(f"base-{flavour}-*") if p.is_dir() and ".tmp." not in p.name
-            and not p.name.endswith(bkey)]
-    old += [p for p in root.glob(f"{flavour}-*-deb-*") if p.is_dir() and ".tmp." not in p.name
-            and not p.name.startswith(f"{flavour}-{bkey}-")]
+    now = time.time()
+
+    def last_use(p: Path) -> float:
+        m = p / "meta.json"
+        return m.stat().st_mtime if m.exists() else p.stat().st_mtime
+
+    entries = [p for p in root.iterdir() if p.is_dir() and ".tmp." not in p.name]
+    ours = sorted((p for p in entries if p.name.startswith(f"{flavour}-{bkey}-deb-")), key=last_use, reverse=True)
+    old = [p for p in ours[KEEP_DEB_LAYERS:] if p != keep and now - last_use(p) > 3600]
+    old += [p for p in entries if bkey not in p.name and now - last_use(p) > STALE_DAYS * 86400]
     for p in old:
         with open(root / f".lock-{p.name}", "a+") as f:
             try:

@@ -3,7 +3,9 @@ kernel, initrd and command line the guest's own grub.cfg names (guestboot), the 
 script disk, per-boot checks, then the host disk checks."""
 
 import json
+import queue
 import random
+import re
 import shutil
 import threading
 import time
@@ -11,23 +13,83 @@ from pathlib import Path
 
 from . import check, diskcheck, disks, guestboot, guestimage, vm
 from .binary import Binary
-from .scenario import BootSpec, DiskSpec, Scenario, expand
+from .scenario import DiskSpec, Scenario, expand
 from .util import HarnessError, log, sha256_file
 
-FIRSTBOOT_SCRIPT = """\
-update-grub
-mark UPDATE_GRUB_RC $?
-"""
+
+class DiskRequests:
+    """Disks the guest's script asks for while it runs: `hotplug NAME` prints @@HOTPLUG_REQUEST=NAME, `unplug NAME`
+    @@UNPLUG_REQUEST=NAME (harness.sh); a worker thread answers through QMP (blockdev-add + device_add; device_del,
+    then blockdev-del once the guest released it). Any [[disk]] of the scenario can be requested."""
+
+    def __init__(self, specs: dict, images: dict, times: Path):
+        self.specs, self.images, self.times = specs, images, times
+        self.queue: queue.Queue = queue.Queue()
+        self.errors: list[str] = []
+        self.done: list[str] = []
+        self.sock: Path | None = None
+        self.t0 = time.monotonic()  # reset when QEMU starts: the .times file counts from there
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def line(self, text: str, t: float) -> None:
+        m = REQUEST_RE.search(text)
+        if m:
+            self.queue.put((m.group(1), m.group(2)))
+
+    def _work(self) -> None:
+        qmp = None
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            kind, name = item
+            try:
+                if name not in self.specs:
+                    raise HarnessError(f"no [[disk]] named {name}")
+                qmp = qmp or vm.Qmp(self.sock)
+                if kind == "HOTPLUG":
+                    vm.hotplug(qmp, self.specs[name], self.images[name])
+                else:
+                    qmp.execute("device_del", id=f"dev-{name}")
+                    for _ in range(100):  # the guest acknowledges the ACPI eject; then the node can go
+                        try:
+                            qmp.execute("blockdev-del", **{"node-name": f"d-{name}"})
+                            break
+                        except HarnessError:
+                            time.sleep(0.2)
+                    else:
+                        raise HarnessError("blockdev-del: the guest never released the device")
+                self.done.append(f"{kind.lower()} {name}")
+                with open(self.times, "a") as f:
+                    f.write(f"{time.monotonic() - self.t0:8.3f} HOST {kind.lower()} of {name} done\n")
+            except (HarnessError, OSError) as e:
+                self.errors.append(f"{kind.lower()} of {name} (asked by the guest): {e}")
+        if qmp:
+            qmp.close()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(30)
 
 
-def _boot_vm(cmd: list[str], serial: Path, timeout: float, hotplugs=(), kill=None) -> vm.VmResult:
+REQUEST_RE = re.compile(r"@@(HOTPLUG|UNPLUG)_REQUEST=([a-z][a-z0-9_]*)")
+
+
+def _boot_vm(cmd: list[str], serial: Path, timeout: float, hotplugs=(), kill=None, requests=None) -> vm.VmResult:
     qmp_sock = vm.make_qmp_path()
     cmd = list(cmd)
     i = cmd.index("-qmp") + 1
     cmd[i] = cmd[i].replace("unix:/QMP,", f"unix:{qmp_sock},")
+    if requests:
+        requests.sock, requests.t0 = qmp_sock, time.monotonic()
     try:
-        return vm.run_vm(cmd, serial_log=serial, timeout=timeout, hotplugs=list(hotplugs), qmp_sock=qmp_sock,
-                         kill=kill)
+        r = vm.run_vm(cmd, serial_log=serial, timeout=timeout, hotplugs=list(hotplugs), qmp_sock=qmp_sock,
+                      kill=kill, line_hook=requests.line if requests else None)
+        if requests:
+            requests.close()
+            r.hotplug_errors += requests.errors
+        return r
     finally:
         shutil.rmtree(qmp_sock.parent, ignore_errors=True)
 
@@ -43,7 +105,7 @@ def first_boot(meta: dict, tree: Path, work: Path) -> None:
     guestimage.make_disk(tree, img, meta)
     kver = meta["kver"]
     script = work / "firstboot.script.img"
-    guestboot.script_disk(script, boot=0, end="poweroff", script=FIRSTBOOT_SCRIPT)
+    guestboot.script_disk(script, boot=0, end="poweroff", script=guestimage.FIRSTBOOT_SCRIPT)
     os_disk = DiskSpec(name="os", builder="guest-os")
     spec = _script_spec()
     args = guestboot.full_cmdline(f"root=UUID={meta['fs_uuid']['root']} ro console=ttyS0", "")
@@ -243,7 +305,8 @@ def run_guest_scenario(scn: Scenario, binary: Binary, out: Path) -> tuple[list[s
             serial = out / f"{label}.serial.log"
             log(f"{scn.name}: {label}: {cfg.kernel_path} + {cfg.initrd_path} ({len(cold)} disks"
                 + (f", power cut {kill.delay:.2f} s after /{kill.pattern.pattern}/" if kill else "") + ")")
-            r = _boot_vm(cmd, serial, b.timeout or scn.timeout, hot, kill)
+            requests = DiskRequests(by_name, images, serial.with_name(serial.stem + ".times"))
+            r = _boot_vm(cmd, serial, b.timeout or scn.timeout, hot, kill, requests)
             raw = serial.read_text(errors="replace")
             logs.append((label, raw))
             guest = check.parse_facts(guestboot.strip_ansi(raw.replace("\r", "")))

@@ -25,6 +25,8 @@ PACKAGES = [
     # real initramfs scenarios: dracut-core coexists with initramfs-tools-core; dracut's systemd, crypt and dm
     # modules copy the host's systemd, systemd-cryptsetup and dmsetup (only recommended by dracut-core)
     "dracut-core", "systemd", "udev", "dmsetup", "zstd", "binutils",
+    # full-OS guests: the image builder, and btrfs data disks (mkfs.btrfs --rootdir, btrfs check/restore)
+    "mmdebstrap", "btrfs-progs",
 ]
 
 # Loaded by the guest /init in this order. Never vfat, fat or nls_*: initcrypt reads FAT itself.

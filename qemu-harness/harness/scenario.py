@@ -25,8 +25,8 @@ BOOT_KEYS = {"script", "end", "kernel_args", "disks", "files", "timeout", "expec
 BOOT_POWER_CUT_KEYS = {"after", "max_delay", "min_delay", "seed", "repeat"}
 INITRAMFS_KINDS = ("harness", "dracut", "mkinitramfs")
 REAL_INITRAMFS_FILES = {"/etc/initcrypt/volumes.json"}  # what a staged install can carry into a real image
-DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "readonly", "physical_block_size",
-                    "logical_block_size", "cache"}
+DISK_ATTACH_KEYS = {"name", "builder", "bus", "controller", "lun", "hotplug_after", "hotplug_on", "readonly",
+                    "physical_block_size", "logical_block_size", "cache"}
 # host: a raw file through the host page cache, flushes ignored (nothing QEMU wrote is lost when it is killed);
 # volatile: served by nbdcache with a write-back cache that a power cut loses unless the guest flushed it
 CACHE_MODES = ("host", "volatile")
@@ -52,6 +52,7 @@ class DiskSpec:
     controller: int = 0
     lun: int = 0
     hotplug_after: float | None = None
+    hotplug_on: str | None = None    # a console-line regex: hot-plugged hotplug_after (default 0) s after it
     readonly: bool = False
     physical_block_size: int | None = None  # None: QEMU's default (512)
     logical_block_size: int = 512
@@ -244,6 +245,12 @@ def _load_disks(path: Path, data: dict) -> list[DiskSpec]:
             _fail(path, f"disk name {d['name']!r} must match {NAME_RE.pattern} and not be key, boot, bootN or hscript")
         attach = {k: d.pop(k) for k in list(d) if k in DISK_ATTACH_KEYS}
         spec = DiskSpec(**attach, params=d)
+        if spec.hotplug_on is not None:
+            try:
+                re.compile(spec.hotplug_on)
+            except re.error as e:
+                _fail(path, f"disk {spec.name}: hotplug_on: {e}")
+            spec.hotplug_after = spec.hotplug_after or 0.0
         if spec.bus not in ("virtio", "scsi"):
             _fail(path, f"disk {spec.name}: bus must be virtio or scsi")
         if spec.cache not in (None,) + CACHE_MODES:
@@ -335,7 +342,7 @@ def _load_guest(name: str, path: Path, data: dict) -> Scenario:
         boots.append(spec)
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
-        memory=int(data.get("memory", 1024)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 300)),
+        memory=int(data.get("memory", 1024)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 600)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files={}, guest_script="", guest_tools=[],
         expect_in_order=[], expect_present=[], expect_absent=data.get("expect_absent", []), expect_facts={},
         expect_disk=_load_expect_disk(path, data, names), path=path, guest=guest, boots=boots)

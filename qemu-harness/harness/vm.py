@@ -156,18 +156,21 @@ def hotplug(qmp: Qmp, disk: DiskSpec, image: Path) -> None:
 
 
 def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[tuple[DiskSpec, Path]],
-           qmp_sock: Path, kill: KillPlan | None = None) -> VmResult:
+           qmp_sock: Path, kill: KillPlan | None = None, line_hook=None) -> VmResult:
     """Run QEMU, copy its serial console to serial_log (plus host timestamps to serial_log.with .times),
     hot-plug disks at their times, kill it after timeout. With a KillPlan: SIGKILL (a power cut: writes QEMU
     already issued to the raw image files survive, the guest's caches and in-flight requests do not; the
     caller crashes the caches of volatile disks) kill.delay seconds after the first line matching kill.pattern,
-    or once kill.before returns."""
+    or once kill.before returns. line_hook(text, t): called for every console line from the reader thread
+    (full-OS guests: disk requests)."""
     if shutil.which(cmd[0]) is None:
         raise HarnessError(f"{cmd[0]} not found")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     times_path = serial_log.with_name(serial_log.stem + ".times")
-    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None, "cut_note": None}
+    state: dict = {"trigger_at": None, "trigger_line": None, "killed_at": None, "cut_note": None,
+                   "hotplug_seen": {}}
+    line_plugs = [(d, re.compile(d.hotplug_on)) for d, _ in hotplugs if d.hotplug_on]
     timers: list[threading.Timer] = []
 
     def power_cut():
@@ -179,6 +182,11 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
             proc.kill()
 
     def on_line(text: str, t: float):
+        if line_hook:
+            line_hook(text, t)
+        for d, pattern in line_plugs:
+            if d.name not in state["hotplug_seen"] and pattern.search(text):
+                state["hotplug_seen"][d.name] = t
         if kill and state["trigger_at"] is None and kill.pattern.search(text):
             state.update(trigger_at=t, trigger_line=text.strip().replace("\r", " ")[-300:])
             timer = threading.Timer(kill.delay, power_cut)
@@ -191,17 +199,27 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
     errors: list[str] = []
     qmp = None
     try:
-        for disk, image in sorted(hotplugs, key=lambda h: h[0].hotplug_after):
-            wait = t0 + disk.hotplug_after - time.monotonic()
-            if wait > 0 and _wait(proc, wait):
-                errors.append(f"guest ended before hot-plug of {disk.name}")
+        pending = list(hotplugs)
+        while pending:
+            now = time.monotonic() - t0
+            for disk, image in list(pending):
+                if disk.hotplug_on:  # hotplug_after seconds after the first console line matching hotplug_on
+                    seen = state["hotplug_seen"].get(disk.name)
+                    due = None if seen is None else seen + (disk.hotplug_after or 0)
+                else:
+                    due = disk.hotplug_after
+                if due is None or now < due:
+                    continue
+                pending.remove((disk, image))
+                try:
+                    qmp = qmp or Qmp(qmp_sock)
+                    hotplug(qmp, disk, image)
+                    _note(times_path, t0, f"HOST hot-plugged {disk.name}")
+                except (HarnessError, OSError) as e:
+                    errors.append(f"hot-plug of {disk.name}: {e}")
+            if pending and _wait(proc, 0.05):
+                errors += [f"guest ended before hot-plug of {d.name}" for d, _ in pending]
                 break
-            try:
-                qmp = qmp or Qmp(qmp_sock)
-                hotplug(qmp, disk, image)
-                _note(times_path, t0, f"HOST hot-plugged {disk.name}")
-            except (HarnessError, OSError) as e:
-                errors.append(f"hot-plug of {disk.name}: {e}")
         timed_out = _wait(proc, t0 + timeout - time.monotonic()) is False
         if timed_out:
             proc.kill()
@@ -215,6 +233,7 @@ def run_vm(cmd: list[str], *, serial_log: Path, timeout: float, hotplugs: list[t
         reader.join(5)
         for timer in timers:
             timer.cancel()
+    state.pop("hotplug_seen")
     return VmResult(timed_out=timed_out, returncode=proc.returncode, wall=time.monotonic() - t0,
                     hotplug_errors=errors, **state)
 
