@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qemu-harness/run", description="Boot initcrypt scenarios under QEMU/TCG.")
     ap.add_argument("--list", action="store_true", help="list scenarios (name, default, description)")
     ap.add_argument("--all", action="store_true", help="run every scenario with default = true")
+    ap.add_argument("--full", action="store_true",
+                    help="run every scenario but benchmarks and diagnostics (full = false): the default ones and "
+                         "those too slow for the default set")
     ap.add_argument("--prepare-only", action="store_true", help="only install/fetch/build the cached parts")
     ap.add_argument("--selftest", action="store_true",
                     help="check the host-side parts of the full-OS machinery (no QEMU; about a minute)")
@@ -63,11 +66,15 @@ def main(argv=None) -> int:
             prepare()
             return 0
         names = list(args.names)
-        if args.all:
-            names += [n for n in scenario.all_names() if scenario.load(n).default and n not in names]
+        if args.all or args.full:
+            names += [n for n in scenario.all_names()
+                      if n not in names and (scenario.load(n).default or (args.full and scenario.load(n).full))]
         if not names:
-            ap.error("name at least one scenario, or --all, or --list")
+            ap.error("name at least one scenario, or --all, --full, or --list")
         scenarios = [scenario.load(n) for n in names]  # fail early on a bad file
+        if args.jobs > 1:
+            # Longest first, so two VMs finish together: multi-boot full-OS guests, then power cuts, then the rest.
+            scenarios.sort(key=lambda s: (not s.guest, s.power_cut is None))
     except HarnessError as e:
         log(f"error: {e}")
         return 2

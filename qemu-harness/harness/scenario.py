@@ -12,7 +12,7 @@ from .util import HARNESS_DIR, HarnessError
 
 SCENARIO_DIR = HARNESS_DIR / "scenarios"
 
-TOP_KEYS = {"description", "default", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
+TOP_KEYS = {"description", "default", "full", "memory", "smp", "timeout", "kernel_args", "disk", "files", "guest_script",
             "guest_tools", "expect_in_order", "expect_present", "expect_absent", "expect_facts", "expect_disk",
             "power_cut", "expect_lines", "initramfs", "expect_root_init", "guest", "boot"}
 GUESTS = ("debian-dracut", "debian-initramfs-tools")
@@ -133,6 +133,7 @@ class Scenario:
     expect_root_init: bool = True  # real images: the root's /sbin/init must run (false: it must not)
     guest: str | None = None       # full-OS scenario: debian-dracut | debian-initramfs-tools
     boots: list[BootSpec] = field(default_factory=list)
+    full: bool = True  # part of `run --full` (false: benchmarks and diagnostics, which print figures)
 
     @property
     def real_initramfs(self) -> bool:
@@ -222,6 +223,7 @@ def load(name: str) -> Scenario:
 
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
+        full=bool(data.get("full", True)),
         memory=int(data.get("memory", 512)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 120)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files=data.get("files", {}),
         guest_script=data.get("guest_script", ""), guest_tools=data.get("guest_tools", []),
@@ -342,6 +344,7 @@ def _load_guest(name: str, path: Path, data: dict) -> Scenario:
         boots.append(spec)
     return Scenario(
         name=name, description=data["description"], default=bool(data.get("default", False)),
+        full=bool(data.get("full", True)),
         memory=int(data.get("memory", 1024)), smp=int(data.get("smp", 1)), timeout=float(data.get("timeout", 600)),
         kernel_args=data.get("kernel_args", ""), disks=disks, files={}, guest_script="", guest_tools=[],
         expect_in_order=[], expect_present=[], expect_absent=data.get("expect_absent", []), expect_facts={},
