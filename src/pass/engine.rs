@@ -18,7 +18,9 @@
 //!    storage whole or not at all.
 //!
 //! Up to `SLOTS` chunks are in flight between two flushes; the journal flush of each record is
-//! a small write. After the last chunk the device is flushed (FLUSH final) and a final record says
+//! a small write, and it overlaps the previous chunk's data write: a data writer thread writes
+//! chunk n while the journal side makes record n+1 durable (record n was durable before chunk n
+//! was handed over, and the ring's flush waits until the writes it must cover have completed). After the last chunk the device is flushed (FLUSH final) and a final record says
 //! so, after which nothing needs the key or a re-read to finish.
 //!
 //! # Recovery
@@ -31,7 +33,7 @@
 //! during recovery, so a crash during recovery is recovered the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 
 use zeroize::Zeroizing;
@@ -231,55 +233,117 @@ impl Engine<'_> {
         })
     }
 
+    /// The journal side of the writer: makes each chunk's record durable, then hands the chunk to
+    /// the data writer thread, so the record of chunk n+1 is flushed while chunk n is being
+    /// written (the flush's latency no longer adds to every chunk). Record n is still durable
+    /// before any byte of chunk n is written, and the ring's flush waits for the writes it covers.
     fn write_all(
         &mut self,
         crypt_rx: Receiver<Crypted>,
         pool_tx: SyncSender<AlignedBuf>,
         at: Resume,
     ) -> Result<(), Error> {
+        let (data_tx, data_rx) = sync_channel::<ToWrite>(1);
+        let (done_tx, done_rx) = channel::<Written>();
+        let dev = self.dev;
+        // The data writer returns each buffer to the pool as soon as it is written: holding it
+        // until the journal side reads the report could starve the reader that side waits for.
+        std::thread::scope(|s| {
+            s.spawn(move || data_writer(dev, data_rx, done_tx, pool_tx));
+            self.journal_side(crypt_rx, data_tx, done_rx, at)
+        })
+    }
+
+    fn journal_side(
+        &mut self,
+        crypt_rx: Receiver<Crypted>,
+        data_tx: SyncSender<ToWrite>,
+        done_rx: Receiver<Written>,
+        at: Resume,
+    ) -> Result<(), Error> {
         let total = self.journal.sb.device_size;
         let plan = self.plan;
         let mut expected = plan.walk(at.index);
-        let mut index = at.index;
         let (mut seq, mut durable) = (at.seq, at.durable);
+        // Every chunk before `at` is written (and was flushed by recovery).
+        let mut w = Progress {
+            written: at.seq - 1,
+            index: at.index,
+            failed: None,
+        };
+        let mut outcome: Result<(), Error> = Ok(());
         for item in crypt_rx {
-            let (off, len, buf, hashes) = item?;
+            while let Ok(r) = done_rx.try_recv() {
+                w.absorb(r, &plan, total, &mut *self.progress);
+            }
+            if w.failed.is_some() {
+                break;
+            }
+            let (off, len, buf, hashes) = match item {
+                Ok(c) => c,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
             if expected.next() != Some((off, len)) {
-                return Err(Error::Io {
+                outcome = Err(Error::Io {
                     what: "ordering chunks",
                     source: std::io::Error::other(format!("unexpected chunk at {off}")),
                 });
+                break;
             }
             if self.stop.load(Ordering::SeqCst) {
-                return self.stopped(plan.bytes_before(index));
+                break;
             }
             if seq > durable + SLOTS {
-                // Record `seq` reuses the slot of record seq − SLOTS, whose chunk must be durable
-                // first.
-                self.dev.sync().map_err(io("flushing the device"))?; // FLUSH(ring)
-                durable = seq - 1;
+                // Record `seq` reuses the slot of record seq − SLOTS, whose chunk must be written
+                // and then flushed first.
+                while w.written + SLOTS < seq && w.failed.is_none() {
+                    match done_rx.recv() {
+                        Ok(r) => w.absorb(r, &plan, total, &mut *self.progress),
+                        Err(_) => break,
+                    }
+                }
+                if w.failed.is_some() || w.written + SLOTS < seq {
+                    break;
+                }
+                if let Err(e) = self.dev.sync() {
+                    // FLUSH(ring)
+                    outcome = Err(io("flushing the device")(e));
+                    break;
+                }
+                durable = w.written;
             }
-            self.journal
-                .write(&Record {
-                    seq,
-                    offset: off,
-                    len,
-                    durable,
-                    hashes,
-                })
-                .map_err(io("writing the journal"))?;
-            self.dev
-                .write_at(buf.slice(len as usize), off)
-                .map_err(io("writing the device"))?;
+            let record = Record {
+                seq,
+                offset: off,
+                len,
+                durable,
+                hashes,
+            };
+            if let Err(e) = self.journal.write(&record) {
+                outcome = Err(io("writing the journal")(e));
+                break;
+            }
+            if data_tx.send((seq, off, len, buf)).is_err() {
+                break; // the data writer failed: its error is in done_rx
+            }
             seq += 1;
-            index += 1;
-            (self.progress)(plan.bytes_before(index), total);
-            let _ = pool_tx.send(buf);
         }
-        // The reader and crypt stages end early when asked to stop (or when they fail, which they
-        // report above): an empty channel is only "done" if every chunk went through.
-        if index < plan.count() {
-            return self.stopped(plan.bytes_before(index));
+        // Let the data writer finish what it has, and collect every report.
+        drop(data_tx);
+        for r in done_rx {
+            w.absorb(r, &plan, total, &mut *self.progress);
+        }
+        if let Some(e) = w.failed {
+            return Err(e);
+        }
+        outcome?;
+        // The reader and crypt stages end early when asked to stop: an empty channel is only
+        // "done" if every chunk went through.
+        if w.index < plan.count() {
+            return self.stopped(plan.bytes_before(w.index));
         }
         // Every chunk is durable before the final record says so.
         self.dev.sync().map_err(io("flushing the device"))?; // FLUSH(final)
@@ -304,6 +368,56 @@ impl Engine<'_> {
             done,
             total: self.journal.sb.device_size,
         })
+    }
+}
+
+/// A chunk whose record is durable, for the data writer: seq, offset, length, buffer.
+type ToWrite = (u64, u64, u64, AlignedBuf);
+/// The data writer's report: the seq written, or the error that stopped it.
+type Written = Result<u64, Error>;
+
+/// Writes the chunks handed to it, in order, each only after its record was made durable, and
+/// returns each buffer to the pool once written.
+fn data_writer(
+    dev: &dyn Device,
+    rx: Receiver<ToWrite>,
+    done: Sender<Written>,
+    pool: SyncSender<AlignedBuf>,
+) {
+    for (seq, off, len, buf) in rx {
+        let r = dev
+            .write_at(buf.slice(len as usize), off)
+            .map(|_| seq)
+            .map_err(io("writing the device"));
+        let failed = r.is_err();
+        let _ = pool.send(buf);
+        if done.send(r).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// What the data writer has finished.
+struct Progress {
+    /// Newest seq whose chunk write completed.
+    written: u64,
+    /// Chunks of the plan written so far.
+    index: u64,
+    failed: Option<Error>,
+}
+
+impl Progress {
+    fn absorb(&mut self, r: Written, plan: &Plan, total: u64, progress: &mut dyn FnMut(u64, u64)) {
+        match r {
+            Ok(seq) => {
+                self.written = seq;
+                self.index += 1;
+                progress(plan.bytes_before(self.index), total);
+            }
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
     }
 }
 
