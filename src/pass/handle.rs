@@ -65,10 +65,19 @@ fn boot_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 pub fn progress_of(j: &Journal) -> std::io::Result<(u64, u64)> {
     let plan = plan_of(&j.sb);
     let window = j.window()?;
+    // Chunks of records newer than the newest record's `durable` may still be in flight (the
+    // data writer runs one chunk behind the journal): only what precedes the oldest of them is
+    // claimed done.
     let done = match window.last() {
         None => 0,
         Some(r) if r.is_done(&j.sb) => j.sb.device_size,
-        Some(r) => plan.bytes_before(plan.index_of(r.offset / j.sb.chunk_size)),
+        Some(newest) => {
+            let oldest = window
+                .iter()
+                .find(|r| r.seq > newest.durable)
+                .unwrap_or(newest);
+            plan.bytes_before(plan.index_of(oldest.offset / j.sb.chunk_size))
+        }
     };
     Ok((done, j.sb.device_size))
 }
