@@ -9,6 +9,7 @@ pub mod generator;
 pub mod keys;
 pub mod keyvol;
 pub mod kmsg;
+pub mod lifecycle;
 pub mod luks;
 pub mod pass;
 pub mod secret;

@@ -1,0 +1,409 @@
+//! The kernel command line of the next boot: where it is configured (`/etc/default/grub` and
+//! `grub.d/*.cfg`, `/etc/kernel/cmdline`), what `grub.cfg` says now, and the edits that make
+//! `root=` name the root *filesystem*.
+//!
+//! Why `root=UUID=<filesystem UUID>`: the filesystem keeps its UUID inside the mapping, and the
+//! initramfs re-probes the partition after every pass, so the same word finds the root before
+//! encryption, after it, and after decryption. `root=PARTUUID=` and `/dev/sdX` name the partition,
+//! which holds ciphertext once encrypted; `root=/dev/mapper/<name>` disappears once decrypted
+//! (config refuses to decrypt while root= names the mapping). initcrypt never writes either.
+
+use std::fs;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// What a `root=` value names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootArg {
+    /// The filesystem: `UUID=`, `LABEL=`, `/dev/disk/by-uuid/…`, `/dev/disk/by-label/…`.
+    Filesystem,
+    /// The partition: `PARTUUID=`, `PARTLABEL=`, `/dev/sdX…`, by-partuuid, by-path, by-id.
+    Partition,
+    /// A device-mapper device: `/dev/mapper/<name>`, `/dev/dm-N`, by-id/dm-name-<name>.
+    Mapping(String),
+    Other,
+}
+
+pub fn classify(root: &str) -> RootArg {
+    let r = root.trim_matches('"');
+    if r.starts_with("UUID=") || r.starts_with("LABEL=") {
+        return RootArg::Filesystem;
+    }
+    if r.starts_with("PARTUUID=") || r.starts_with("PARTLABEL=") {
+        return RootArg::Partition;
+    }
+    if let Some(n) = r.strip_prefix("/dev/mapper/") {
+        return RootArg::Mapping(n.to_string());
+    }
+    if let Some(n) = r.strip_prefix("/dev/disk/by-id/dm-name-") {
+        return RootArg::Mapping(n.to_string());
+    }
+    if r.starts_with("/dev/dm-") || r.starts_with("/dev/disk/by-id/dm-uuid-") {
+        return RootArg::Mapping(r.to_string());
+    }
+    if r.starts_with("/dev/disk/by-uuid/") || r.starts_with("/dev/disk/by-label/") {
+        return RootArg::Filesystem;
+    }
+    if r.starts_with("/dev/") {
+        // /dev/sda2, /dev/vda2, /dev/nvme0n1p2, by-partuuid, by-path, by-id: the partition.
+        return RootArg::Partition;
+    }
+    RootArg::Other
+}
+
+/// The value of the last `root=` word of a command line (the kernel uses the last one).
+pub fn root_of(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("root="))
+        .last()
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// What to change on the command line.
+#[derive(Debug, Clone)]
+pub struct Fix {
+    /// The root filesystem's UUID, for `root=UUID=…`.
+    pub uuid: String,
+    /// Replace root= values naming the partition (always) and a mapping (disable).
+    pub replace_mapping: bool,
+    /// Drop ADE's `rd.luks.ade.partuuid=` / `rd.luks.ade.bootuuid=` (disable of the OS volume:
+    /// once volumes.json no longer names it, they would make the boot encrypt it again).
+    pub drop_ade: bool,
+}
+
+impl Fix {
+    fn wants(&self, value: &str) -> bool {
+        match classify(value) {
+            RootArg::Partition => true,
+            RootArg::Mapping(_) => self.replace_mapping,
+            _ => false,
+        }
+    }
+}
+
+fn is_sep(c: u8) -> bool {
+    c.is_ascii_whitespace() || c == b'"' || c == b'\''
+}
+
+/// Words of `text` (separated by blanks or quotes) with their byte ranges.
+fn words(text: &str) -> Vec<Range<usize>> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if is_sep(b[i]) {
+            i += 1;
+            continue;
+        }
+        let s = i;
+        while i < b.len() && !is_sep(b[i]) {
+            i += 1;
+        }
+        out.push(s..i);
+    }
+    out
+}
+
+/// Apply `fix` to the kernel-parameter words of `text` (a whole /etc/kernel/cmdline, or the value
+/// part of a GRUB_CMDLINE_LINUX line); everything else stays byte for byte. A dropped word takes
+/// one run of blanks with it (the one before it, else the one after), never a quote.
+fn fix_words(text: &str, fix: &Fix) -> String {
+    let blank = |g: &str| !g.is_empty() && g.bytes().all(|c| c == b' ' || c == b'\t');
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    let mut eat_blanks = false;
+    for w in words(text) {
+        let word = &text[w.clone()];
+        let mut gap = &text[pos..w.start];
+        if eat_blanks {
+            gap = gap.trim_start_matches([' ', '\t']);
+            eat_blanks = false;
+        }
+        let drop = fix.drop_ade
+            && (word.starts_with("rd.luks.ade.partuuid=")
+                || word.starts_with("rd.luks.ade.bootuuid="));
+        if drop {
+            if blank(gap) && !out.is_empty() {
+                // the blanks before it go with it
+            } else {
+                out.push_str(gap);
+                eat_blanks = true;
+            }
+        } else {
+            out.push_str(gap);
+            match word.strip_prefix("root=") {
+                Some(v) if fix.wants(v) => {
+                    out.push_str("root=UUID=");
+                    out.push_str(&fix.uuid);
+                }
+                _ => out.push_str(word),
+            }
+        }
+        pos = w.end;
+    }
+    let tail = &text[pos..];
+    out.push_str(if eat_blanks {
+        tail.trim_start_matches([' ', '\t'])
+    } else {
+        tail
+    });
+    out
+}
+
+/// Apply `fix` to a grub defaults file (shell syntax): the command-line variables get `fix_words`,
+/// `GRUB_FORCE_PARTUUID=` (Ubuntu's first-boot "initrdless" boot by PARTUUID) is commented out,
+/// and `GRUB_DISABLE_LINUX_UUID=true` (which makes grub-mkconfig write the device name instead of
+/// the UUID) becomes false. Other lines are untouched.
+pub fn fix_grub_defaults(text: &str, fix: &Fix) -> String {
+    text.split_inclusive('\n')
+        .map(|line| {
+            let t = line.trim_start();
+            let t = t.strip_prefix("export ").unwrap_or(t).trim_start();
+            if t.starts_with("GRUB_CMDLINE_LINUX=") || t.starts_with("GRUB_CMDLINE_LINUX_DEFAULT=")
+            {
+                let eq = line.find('=').map(|i| i + 1).unwrap_or(0);
+                format!("{}{}", &line[..eq], fix_words(&line[eq..], fix))
+            } else if t.starts_with("GRUB_FORCE_PARTUUID=") {
+                format!("# disabled by initcrypt (the partition is encrypted): {line}")
+            } else if t.starts_with("GRUB_DISABLE_LINUX_UUID=") && t.contains("true") {
+                line.replacen("true", "false", 1)
+            } else {
+                line.to_string()
+            }
+        })
+        .collect()
+}
+
+pub fn fix_cmdline_file(text: &str, fix: &Fix) -> String {
+    fix_words(text, fix)
+}
+
+/// The `root=` of each boot entry of a grub.cfg (`linux`, `linuxefi`, `linux16` lines), in
+/// order: the first is what boots by default (GRUB_DEFAULT=0, the usual cloud setting).
+pub fn grub_cfg_roots(text: &str) -> Vec<Option<String>> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let cmd = w.next()?;
+            matches!(cmd, "linux" | "linuxefi" | "linux16")
+                .then(|| root_of(&w.collect::<Vec<_>>().join(" ")))
+        })
+        .collect()
+}
+
+/// How the next boot's command line is configured in a root tree.
+#[derive(Debug, Clone, Default)]
+pub struct BootConfig {
+    /// `/etc/default/grub` then `/etc/default/grub.d/*.cfg` (host paths, text).
+    pub defaults: Vec<(PathBuf, String)>,
+    pub kernel_cmdline: Option<(PathBuf, String)>,
+    pub grub_cfg: Option<(PathBuf, String)>,
+    /// The tool that regenerates grub.cfg (path inside the tree) and its arguments.
+    pub tool: Option<(PathBuf, Vec<String>)>,
+    /// GRUB's platform modules are installed (`/usr/lib/grub/<platform>`): without them the next
+    /// grub-install fails, which is how ADE left VMs unbootable (azure-linux-extensions#1240).
+    pub platform_modules: bool,
+}
+
+pub fn find_tool(root: &Path, names: &[&str]) -> Option<PathBuf> {
+    for name in names {
+        for dir in ["usr/sbin", "usr/bin", "sbin", "bin"] {
+            let p = root.join(dir).join(name);
+            if p.is_file() {
+                return Some(Path::new("/").join(dir).join(name));
+            }
+        }
+    }
+    None
+}
+
+impl BootConfig {
+    pub fn read(root: &Path) -> BootConfig {
+        let mut c = BootConfig::default();
+        let default = root.join("etc/default/grub");
+        if let Ok(t) = fs::read_to_string(&default) {
+            c.defaults.push((default, t));
+        }
+        let mut extra: Vec<PathBuf> = fs::read_dir(root.join("etc/default/grub.d"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "cfg"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        extra.sort();
+        for p in extra {
+            if let Ok(t) = fs::read_to_string(&p) {
+                c.defaults.push((p, t));
+            }
+        }
+        let kc = root.join("etc/kernel/cmdline");
+        if let Ok(t) = fs::read_to_string(&kc) {
+            c.kernel_cmdline = Some((kc, t));
+        }
+        for rel in ["boot/grub/grub.cfg", "boot/grub2/grub.cfg"] {
+            if let Ok(t) = fs::read_to_string(root.join(rel)) {
+                c.grub_cfg = Some((root.join(rel), t));
+                break;
+            }
+        }
+        let cfg_arg = |rel: &str| vec!["-o".to_string(), format!("/{rel}")];
+        c.tool = if let Some(t) = find_tool(root, &["update-grub"]) {
+            Some((t, Vec::new()))
+        } else if let Some(t) = find_tool(root, &["grub-mkconfig"]) {
+            Some((t, cfg_arg("boot/grub/grub.cfg")))
+        } else {
+            find_tool(root, &["grub2-mkconfig"]).map(|t| (t, cfg_arg("boot/grub2/grub.cfg")))
+        };
+        c.platform_modules = ["usr/lib/grub", "usr/lib/grub2", "usr/share/grub2"]
+            .iter()
+            .any(|d| {
+                fs::read_dir(root.join(d))
+                    .map(|rd| {
+                        rd.flatten().any(|e| {
+                            let n = e.file_name().to_string_lossy().into_owned();
+                            n.contains("-pc") || n.contains("-efi")
+                        })
+                    })
+                    .unwrap_or(false)
+            });
+        c
+    }
+
+    /// The files `fix` changes, with their new text.
+    pub fn edits(&self, fix: &Fix) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for (p, t) in &self.defaults {
+            let n = fix_grub_defaults(t, fix);
+            if n != *t {
+                out.push((p.clone(), n));
+            }
+        }
+        if let Some((p, t)) = &self.kernel_cmdline {
+            let n = fix_cmdline_file(t, fix);
+            if n != *t {
+                out.push((p.clone(), n));
+            }
+        }
+        out
+    }
+
+    /// root= of the next boot: grub.cfg's first entry, else /etc/kernel/cmdline.
+    pub fn next_root(&self) -> Option<(String, PathBuf)> {
+        if let Some((p, t)) = &self.grub_cfg {
+            if let Some(Some(r)) = grub_cfg_roots(t).into_iter().next() {
+                return Some((r, p.clone()));
+            }
+        }
+        self.kernel_cmdline
+            .as_ref()
+            .and_then(|(p, t)| root_of(t).map(|r| (r, p.clone())))
+    }
+
+    /// grub.cfg entries whose root= `fix` would replace (stale until grub.cfg is regenerated).
+    pub fn stale_grub_entries(&self, fix: &Fix) -> usize {
+        self.grub_cfg
+            .as_ref()
+            .map(|(_, t)| {
+                grub_cfg_roots(t)
+                    .iter()
+                    .filter(|r| r.as_deref().is_some_and(|v| fix.wants(v)))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// ADE's boot parameters anywhere in the configuration.
+    pub fn has_ade_params(&self) -> bool {
+        self.defaults
+            .iter()
+            .chain(self.kernel_cmdline.iter())
+            .chain(self.grub_cfg.iter())
+            .any(|(_, t)| t.contains("rd.luks.ade."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fix(mapping: bool, ade: bool) -> Fix {
+        Fix {
+            uuid: "1234-abcd".into(),
+            replace_mapping: mapping,
+            drop_ade: ade,
+        }
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(classify("UUID=x"), RootArg::Filesystem);
+        assert_eq!(classify("/dev/disk/by-uuid/x"), RootArg::Filesystem);
+        assert_eq!(classify("PARTUUID=x"), RootArg::Partition);
+        assert_eq!(classify("/dev/sda1"), RootArg::Partition);
+        assert_eq!(classify("/dev/nvme0n1p2"), RootArg::Partition);
+        assert_eq!(
+            classify("/dev/mapper/osencrypt"),
+            RootArg::Mapping("osencrypt".into())
+        );
+        assert_eq!(
+            classify("/dev/disk/by-id/dm-name-osencrypt"),
+            RootArg::Mapping("osencrypt".into())
+        );
+        assert_eq!(classify("ZFS=pool"), RootArg::Other);
+    }
+
+    #[test]
+    fn grub_defaults_edit_only_what_breaks() {
+        let text = "GRUB_DEFAULT=0\n\
+GRUB_CMDLINE_LINUX_DEFAULT=\"quiet root=PARTUUID=aa-02 console=ttyS0\"\n\
+GRUB_CMDLINE_LINUX=\"root=/dev/mapper/osencrypt rd.luks.ade.partuuid=aa-02 rd.luks.ade.bootuuid=bb net.ifnames=0\"\n\
+# root=PARTUUID=comment stays\n\
+GRUB_DISABLE_LINUX_UUID=true\n";
+        let enable = fix_grub_defaults(text, &fix(false, false));
+        assert_eq!(
+            enable,
+            text.replace("root=PARTUUID=aa-02", "root=UUID=1234-abcd")
+                .replace("UUID=true", "UUID=false")
+        );
+        let disable = fix_grub_defaults(text, &fix(true, true));
+        assert!(
+            disable.contains("GRUB_CMDLINE_LINUX=\"root=UUID=1234-abcd net.ifnames=0\"\n"),
+            "{disable}"
+        );
+        assert!(disable.contains("# root=PARTUUID=comment stays\n"));
+        // nothing to do: byte-identical
+        let clean = "GRUB_CMDLINE_LINUX=\"console=ttyS0 root=UUID=1234-abcd\"\n";
+        assert_eq!(fix_grub_defaults(clean, &fix(true, true)), clean);
+    }
+
+    #[test]
+    fn force_partuuid_is_commented_out() {
+        let t = "GRUB_FORCE_PARTUUID=aa-02\n";
+        let n = fix_grub_defaults(t, &fix(false, false));
+        assert!(n.starts_with('#') && n.ends_with("GRUB_FORCE_PARTUUID=aa-02\n"));
+    }
+
+    #[test]
+    fn drop_words_at_edges() {
+        let f = fix(true, true);
+        assert_eq!(fix_words("rd.luks.ade.partuuid=a ro", &f), "ro");
+        assert_eq!(fix_words("ro rd.luks.ade.partuuid=a", &f), "ro");
+        assert_eq!(fix_words("\"rd.luks.ade.partuuid=a\"", &f), "\"\"");
+        assert_eq!(fix_words("a rd.luks.ade.bootuuid=b c\n", &f), "a c\n");
+    }
+
+    #[test]
+    fn grub_cfg_first_entry() {
+        let cfg = "menuentry 'Debian' {\n\tlinux\t/vmlinuz-6.1 root=UUID=abc ro quiet\n\tinitrd /initrd.img-6.1\n}\nmenuentry 'x' {\n linux /v root=PARTUUID=aa-02\n}\n";
+        assert_eq!(
+            grub_cfg_roots(cfg),
+            [
+                Some("UUID=abc".to_string()),
+                Some("PARTUUID=aa-02".to_string())
+            ]
+        );
+    }
+}
