@@ -214,9 +214,7 @@ fn message(os: AdeState, data: AdeState, vols: &[VolumeStatus]) -> String {
     }
     let enc = |s: AdeState| matches!(s, Encrypted | NotMounted);
     match (has(Role::Os), has(Role::Data)) {
-        (true, _) if enc(os) && (enc(data) || !has(Role::Data)) => {
-            "Encryption succeeded for all volumes".into()
-        }
+        (true, _) if enc(os) && enc(data) => "Encryption succeeded for all volumes".into(),
         (true, _) if enc(os) => "Encryption succeeded for OS volume".into(),
         (_, true) if enc(data) => "Encryption succeeded for data volumes".into(),
         _ => "Encryption not complete: see the volumes' states".into(),

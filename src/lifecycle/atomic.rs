@@ -150,12 +150,22 @@ impl Lock {
             path: etc.to_path_buf(),
             source,
         })?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| Error::Locked {
-                path: etc.to_path_buf(),
-            },
-        )?;
-        Ok(Lock { _file: file })
+        // A short, bounded wait: a lock can outlive its holder by a fork→exec window of a
+        // process that spawned a child at the wrong instant (threaded callers, e.g. tests).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(Lock { _file: file }),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(_) => {
+                    return Err(Error::Locked {
+                        path: etc.to_path_buf(),
+                    })
+                }
+            }
+        }
     }
 }
 

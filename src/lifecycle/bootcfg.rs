@@ -56,7 +56,7 @@ pub fn root_of(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("root="))
-        .last()
+        .next_back()
         .map(|v| v.trim_matches('"').to_string())
 }
 

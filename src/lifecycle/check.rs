@@ -313,13 +313,9 @@ fn boot_findings(
         )
         .hard()
     };
-    let needs_boot =
-        planned.iter().any(|p| discover::is_detached(&p.volume)) || !planned.is_empty();
     match (&b.entry, &b.device) {
-        (None, _) if b.device.is_none() => {
-            if needs_boot {
-                f.push(bad("no separate /boot in fstab or mounted: the detached headers and pass journals need one".into()));
-            }
+        (None, None) => {
+            f.push(bad("no separate /boot in fstab or mounted: the detached headers and pass journals need one".into()));
             return;
         }
         (_, None) => {
@@ -512,8 +508,9 @@ fn key_findings(
             return;
         }
         Err(e) => {
+            let what = e.split(';').next().unwrap_or(e).to_string();
             f.push(
-                Finding::fail("keyvol.present", at, e.clone(), "attach the key volume (enable encryption from the platform so it writes the keys), then run again")
+                Finding::fail("keyvol.present", at, what, "attach the key volume (enable encryption from the platform so it writes the keys), then run again")
                     .code(Exit::KeyVolumeMissing),
             );
             return;

@@ -15,7 +15,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags};
 static PREPARED: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 fn io(e: rustix::io::Errno, what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::Other, format!("{what}: {e}"))
+    std::io::Error::other(format!("{what}: {e}"))
 }
 
 /// Enter a private mount namespace (once) and bind /proc, /sys and /dev into `root`.

@@ -35,7 +35,7 @@ pub enum Layout {
     /// Already on a dm-crypt mapping (an ADE VM, or initcrypt already done).
     Encrypted {
         name: String,
-        below: Option<Device>,
+        below: Option<Box<Device>>,
     },
     /// On LVM (issue [8]).
     Lvm,
@@ -68,7 +68,7 @@ pub struct BootFacts {
 pub enum DataKind {
     /// A plaintext filesystem initcrypt can encrypt in place.
     Candidate {
-        device: Device,
+        device: Box<Device>,
         mounted: Option<Mounted>,
     },
     /// Already `/dev/mapper/<name>` of a volume in volumes.json.
@@ -211,7 +211,11 @@ fn os_layout(m: &dyn Machine, dev: &Device) -> Layout {
         return match dm.kind.as_str() {
             "CRYPT" => Layout::Encrypted {
                 name: dm.name.clone(),
-                below: dm.slaves.first().and_then(|s| m.device_by_name(s)),
+                below: dm
+                    .slaves
+                    .first()
+                    .and_then(|s| m.device_by_name(s))
+                    .map(Box::new),
             },
             "LVM" => Layout::Lvm,
             other => Layout::Other(format!("device-mapper {other} device {}", dm.name)),
@@ -380,7 +384,7 @@ impl Inventory {
         }
         let mounted = m.mounted_at(&e.target);
         DataKind::Candidate {
-            device: dev,
+            device: Box::new(dev),
             mounted,
         }
     }
