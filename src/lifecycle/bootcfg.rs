@@ -54,7 +54,8 @@ pub fn classify(root: &str) -> RootArg {
 /// The value of the last `root=` word of a command line (the kernel uses the last one).
 pub fn root_of(cmdline: &str) -> Option<String> {
     cmdline
-        .split_whitespace()
+        .split(|c: char| c.is_ascii() && is_blank(c as u8))
+        .filter(|w| !w.is_empty())
         .filter_map(|w| w.strip_prefix("root="))
         .next_back()
         .map(|v| v.trim_matches('"').to_string())
@@ -82,8 +83,13 @@ impl Fix {
     }
 }
 
+/// The kernel splits its command line at C's isspace(): ASCII blanks including \v.
+fn is_blank(c: u8) -> bool {
+    c.is_ascii_whitespace() || c == 0x0b
+}
+
 fn is_sep(c: u8) -> bool {
-    c.is_ascii_whitespace() || c == b'"' || c == b'\''
+    is_blank(c) || c == b'"' || c == b'\''
 }
 
 /// Words of `text` (separated by blanks or quotes) with their byte ranges.
@@ -166,8 +172,13 @@ pub fn fix_grub_defaults(text: &str, fix: &Fix) -> String {
                 format!("{}{}", &line[..eq], fix_words(&line[eq..], fix))
             } else if t.starts_with("GRUB_FORCE_PARTUUID=") {
                 format!("# disabled by initcrypt (the partition is encrypted): {line}")
-            } else if t.starts_with("GRUB_DISABLE_LINUX_UUID=") && t.contains("true") {
-                line.replacen("true", "false", 1)
+            } else if let Some(v) = t.strip_prefix("GRUB_DISABLE_LINUX_UUID=") {
+                if v.trim().trim_matches(['"', '\'']) == "true" {
+                    let at = line.rfind("true").unwrap_or(0);
+                    format!("{}false{}", &line[..at], &line[at + 4..])
+                } else {
+                    line.to_string()
+                }
             } else {
                 line.to_string()
             }
@@ -184,10 +195,8 @@ pub fn fix_cmdline_file(text: &str, fix: &Fix) -> String {
 pub fn grub_cfg_roots(text: &str) -> Vec<Option<String>> {
     text.lines()
         .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let cmd = w.next()?;
-            matches!(cmd, "linux" | "linuxefi" | "linux16")
-                .then(|| root_of(&w.collect::<Vec<_>>().join(" ")))
+            let cmd = l.split_whitespace().next()?;
+            matches!(cmd, "linux" | "linuxefi" | "linux16").then(|| root_of(l))
         })
         .collect()
 }
@@ -393,6 +402,14 @@ GRUB_DISABLE_LINUX_UUID=true\n";
         assert_eq!(fix_words("ro rd.luks.ade.partuuid=a", &f), "ro");
         assert_eq!(fix_words("\"rd.luks.ade.partuuid=a\"", &f), "\"\"");
         assert_eq!(fix_words("a rd.luks.ade.bootuuid=b c\n", &f), "a c\n");
+    }
+
+    /// Found by the bootcfg fuzz target: the kernel (isspace) and the editor must agree on words.
+    #[test]
+    fn vertical_tab_separates_words_like_the_kernel() {
+        let t = "ro\x0broot=PARTUUID=aa-02";
+        assert_eq!(root_of(t).as_deref(), Some("PARTUUID=aa-02"));
+        assert_eq!(fix_cmdline_file(t, &fix(false, false)), "ro\x0broot=UUID=1234-abcd");
     }
 
     #[test]
