@@ -1,6 +1,7 @@
 """qemu-harness/run: --list | --all | NAME..."""
 
 import argparse
+import concurrent.futures
 import fcntl
 import os
 import sys
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list scenarios (name, default, description)")
     ap.add_argument("--all", action="store_true", help="run every scenario with default = true")
     ap.add_argument("--prepare-only", action="store_true", help="only install/fetch/build the cached parts")
+    ap.add_argument("--selftest", action="store_true",
+                    help="check the host-side parts of the full-OS machinery (no QEMU; about a minute)")
+    ap.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                    help="run up to N scenarios at once (TCG: one host thread per vCPU; default 1)")
     ap.add_argument("names", nargs="*", metavar="NAME")
     args = ap.parse_args(argv)
 
@@ -51,6 +56,9 @@ def main(argv=None) -> int:
                 s = scenario.load(name)
                 print(f"{name:28} {'default' if s.default else 'extra  '}  {s.description}")
             return 0
+        if args.selftest:
+            from . import selftest
+            return selftest.main()
         if args.prepare_only:
             prepare()
             return 0
@@ -75,9 +83,20 @@ def main(argv=None) -> int:
 
     lock = exclusive_run_lock()
     passed = failed = 0
-    for scn in scenarios:
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+
+    def one(scn):
         log(f"--- {scn.name}: {scn.description}")
-        r = run_scenario(scn, prep, binary)
+        return run_scenario(scn, prep, binary)
+
+    if args.jobs == 1:
+        results = (one(s) for s in scenarios)
+    else:
+        # Threads are enough: a scenario waits on QEMU and tools. Results print as they finish.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+        results = (f.result() for f in concurrent.futures.as_completed([pool.submit(one, s) for s in scenarios]))
+    for r in results:
         status = "PASS" if r.passed else "FAIL"
         print(f"{status} {r.name} {r.wall:.1f}s {r.serial_log}", flush=True)
         for f in r.failures:

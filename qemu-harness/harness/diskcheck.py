@@ -15,6 +15,7 @@ Leaves <disk>.osluksheader and <disk>.luksDump.txt in the artifacts; the root co
 """
 
 import hashlib
+import re
 import json
 import shutil
 import subprocess
@@ -206,6 +207,198 @@ def _check_plaintext(disk: str, facts: dict, image: Path, out: Path) -> tuple[li
         found["boot_dir"] = left
         if left:
             failures.append(f"disk {disk}: {left} still on the boot partition after the decryption")
+        return failures, found
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ full-OS guest disks
+#
+#  [expect_disk.<disk>] of a full-OS scenario (guest-os and data disks):
+#  encrypted = true   the header (detached: `header` = its path on the OS disk's boot partition, default the disk's
+#                     fact header_path; "attached": at the start of the partition) passes the luksDump checks, no
+#                     .pending/.journal beside it; the raw partition no longer holds the plaintext marker string; a
+#                     stock `cryptsetup reencrypt --decrypt --force-offline-reencrypt` of a copy gives a clean
+#                     filesystem (ext4: e2fsck -fn; xfs: xfs_repair -n; btrfs: btrfs check --readonly) whose files
+#                     (ext4: debugfs dump; btrfs: btrfs restore; xfs: the extents xfs_db maps) have the recorded sha256
+#  plaintext = true   the raw partition is such a clean filesystem with the files intact, and no header file (nor
+#                     .pending/.journal) is left on the OS disk's boot partition
+# The root filesystem of a real OS changes while it runs (journal, logs): byte equality with the original does not
+# apply, the files and the filesystem's consistency do.
+
+def _guest_partition(image: Path, facts: dict, part_name: str) -> dict:
+    if "part_offset" in facts:  # data builder
+        return {"offset": int(facts["part_offset"]), "size": int(facts["part_size"])}
+    return {"offset": int(facts[f"{part_name}_offset"]), "size": int(facts[f"{part_name}_size"])}
+
+
+def _header_files(os_image: Path, os_facts: dict, header_path: str, work: Path, dump_to: Path | None) -> list[str]:
+    """Names beside the detached header on the OS boot partition that start with its name (journal replayed on a
+    copy when needed); with dump_to, the header itself is dumped there."""
+    from .guestboot import ExtReader
+    boot = _guest_partition(os_image, os_facts, "boot")
+    reader = ExtReader(os_image, {**boot, "number": 1}, work / "replay")
+    try:
+        folder, name = str(Path("/") / header_path).rsplit("/", 1)
+        p = subprocess.run(["debugfs", "-R", f"ls {folder or '/'}", reader.spec], capture_output=True, text=True)
+        listing = sorted(e for e in p.stdout.split() if e.startswith(name))
+        if dump_to is not None and name in listing:
+            reader.dump(f"/{header_path}", dump_to)
+        return listing
+    finally:
+        reader.close()
+
+
+def _fs_check(fs: str, spec: str) -> tuple[bool, str]:
+    """Is the filesystem clean (read-only check)? spec: a file, or for ext4 file?offset=N."""
+    cmd = {"ext4": ["e2fsck", "-fn", spec], "xfs": ["xfs_repair", "-n", "-f", spec],
+           "btrfs": ["btrfs", "check", "--readonly", spec]}[fs]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return p.returncode == 0, (p.stdout + p.stderr).strip()[-400:]
+
+
+def _file_hashes(fs: str, spec: str, files: dict, work: Path) -> dict:
+    """sha256 of each recorded file, read without a mount ('missing' when it cannot be read)."""
+    got = {}
+    if fs == "ext4":
+        for path in files:
+            dest = work / "file.out"
+            dest.unlink(missing_ok=True)
+            subprocess.run(["debugfs", "-R", f"dump {path} {dest}", spec], capture_output=True)
+            got[path] = sha256_file(dest) if dest.exists() else "missing"
+            dest.unlink(missing_ok=True)
+    elif fs == "btrfs":
+        dest = work / "restore"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        subprocess.run(["btrfs", "restore", spec, str(dest)], capture_output=True)
+        for path in files:
+            f = dest / path.lstrip("/")
+            got[path] = sha256_file(f) if f.is_file() else "missing"
+        shutil.rmtree(dest, ignore_errors=True)
+    else:
+        for path in files:
+            got[path] = _xfs_file_sha256(spec, path)
+    return got
+
+
+def _xfs_file_sha256(image: str, path: str) -> str:
+    """Read a file of an unmounted xfs image through its extent map (xfs_db -r: path, bmap), then hash it."""
+    def db(*cmds):
+        args = ["xfs_db", "-r"]
+        for c in cmds:
+            args += ["-c", c]
+        return subprocess.run(args + [image], capture_output=True, text=True).stdout
+    sb = db("sb 0", "p blocksize agblocks")
+    vals = dict(re.findall(r"(\w+) = (\d+)", sb))
+    if "blocksize" not in vals:
+        return "missing"
+    bs, agblocks = int(vals["blocksize"]), int(vals["agblocks"])
+    size_out = db(f"path {path}", "p core.size")
+    m = re.search(r"core\.size = (\d+)", size_out)
+    if not m:
+        return "missing"
+    size = int(m.group(1))
+    h, done = hashlib.sha256(), 0
+    extents = re.findall(r"offset (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+)", db(f"path {path}", "bmap"))
+    with open(image, "rb") as f:
+        for startoff, agno, agbno, count in sorted(extents, key=lambda e: int(e[0])):
+            if int(startoff) * bs != done:
+                return "missing"  # a hole: not expected in the builder's files
+            f.seek((int(agno) * agblocks + int(agbno)) * bs)
+            want = min(int(count) * bs, size - done)
+            h.update(f.read(want))
+            done += want
+    return h.hexdigest() if done == size else "missing"
+
+
+def check_guest_disk(disk: str, checks: dict, facts: dict, keys: disks.KeyStore, images: dict, out: Path,
+                     os_name: str) -> tuple[list[str], dict]:
+    if not (checks.get("encrypted") or checks.get("plaintext")):
+        return [], {}
+    f = facts[disk]
+    fs = f.get("fs", "ext4")
+    files = json.loads(f["files"])
+    image, os_image = images[disk], images[os_name]
+    part = _guest_partition(image, f, "root")
+    header_path = checks.get("header", f.get("header_path"))
+    if not header_path:
+        return [f"disk {disk}: say where its header is (header = \"luks/<name>.hdr\" or \"attached\")"], {}
+    work = out / f"check-{disk}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    failures, found = [], {}
+    try:
+        copy = work / "part.img"
+        _extract(image, part, copy)
+        found["marker_count"] = disks.count_in_file(copy, f["marker_string"].encode())
+        if checks.get("plaintext"):
+            if header_path != "attached":
+                left = _header_files(os_image, facts[os_name], header_path, work, None)
+                found["boot_dir"] = left
+                if left:
+                    failures.append(f"disk {disk}: {left} still on the boot partition")
+            ok, text = _fs_check(fs, str(copy))
+            found["fs_clean"] = ok
+            if not ok:
+                failures.append(f"disk {disk}: the raw partition is not a clean {fs}: {text}")
+        else:
+            header = out / f"{disk}.luksheader"
+            header.unlink(missing_ok=True)
+            if header_path == "attached":
+                run(["cryptsetup", "luksHeaderBackup", copy, "--header-backup-file", header])
+            else:
+                left = _header_files(os_image, facts[os_name], header_path, work, header)
+                found["boot_dir"] = left
+                name = Path(header_path).name
+                for suffix in (".pending", ".journal"):
+                    if name + suffix in left:
+                        failures.append(f"disk {disk}: {header_path}{suffix} still on the boot partition")
+                if not header.exists():
+                    failures.append(f"disk {disk}: no {header_path} on the OS boot partition ({left})")
+                    return failures, found
+            text = run(["cryptsetup", "luksDump", header]).stdout
+            (out / f"{disk}.luksDump.txt").write_text(text)
+            meta = json.loads(run(["cryptsetup", "luksDump", "--dump-json-metadata", header]).stdout)
+            segs = meta.get("segments", {})
+            seg = segs.get("0", {})
+            reqs = meta.get("config", {}).get("requirements", {}).get("mandatory", [])
+            found.update(luks_sector_size=seg.get("sector_size"), luks_offset=seg.get("offset"), luks_requirements=reqs)
+            if "cipher: aes-xts-plain64" not in text:
+                failures.append(f"disk {disk}: luksDump lacks 'cipher: aes-xts-plain64' ({disk}.luksDump.txt)")
+            if header_path != "attached" and seg.get("offset") != "0":
+                failures.append(f"disk {disk}: data offset {seg.get('offset')}, expected 0 (detached header)")
+            if reqs or len(segs) != 1 or seg.get("type") != "crypt" or seg.get("size") != "dynamic":
+                failures.append(f"disk {disk}: not one finished crypt segment (segments {segs}, requirements {reqs})")
+                return failures, found
+            if found["marker_count"]:
+                failures.append(f"disk {disk}: the plaintext marker is still in the raw partition "
+                                f"({found['marker_count']}x)")
+            work_header = work / "header"
+            shutil.copyfile(header, work_header)
+            try:
+                run(["cryptsetup", "-q", "reencrypt", "--decrypt", "--header", work_header, "--key-file",
+                     keys.file(f.get("key_name", "default")), "--force-offline-reencrypt", copy])
+            except HarnessError as e:
+                failures.append(f"disk {disk}: stock cryptsetup decrypt of a copy failed: {e}")
+                return failures, found
+            with open(copy, "r+b") as fh:
+                fh.truncate(part["size"])
+            if header_path == "attached":  # the filesystem starts at the data offset
+                off = int(seg.get("offset", 0))
+                inner = work / "inner.img"
+                _extract(copy, {"offset": off, "size": part["size"] - off}, inner)
+                copy.unlink()
+                inner.rename(copy)
+            ok, out_text = _fs_check(fs, str(copy))
+            found["fs_clean"] = ok
+            if not ok:
+                failures.append(f"disk {disk}: the stock-decrypted copy is not a clean {fs}: {out_text}")
+        got = _file_hashes(fs, str(copy), files, work)
+        found["files"] = got
+        for path, want in files.items():
+            if got.get(path) != want:
+                failures.append(f"disk {disk}: {path} has sha256 {got.get(path)}, not the recorded {want}")
         return failures, found
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -512,8 +512,73 @@ def build_luks_data(image: Path, p: Params, ctx: BuildContext) -> dict:
     return facts
 
 
+def build_data(image: Path, p: Params, ctx: BuildContext) -> dict:
+    """A plaintext data disk for full-OS scenarios: ext4, xfs or btrfs (made from a folder, no mount) holding a
+    marker file (a distinctive string) and a random file, on a GPT partition (layout = "gpt") or the whole disk
+    ("none"). mount = "/data1": the guest's fstab gets `UUID=<fs> /data1 <fs> defaults,nofail 0 N` at the first
+    boot that attaches it (see guestrun), so the OS mounts it like a real data disk."""
+    fs = p.get("fs", "ext4")
+    layout = p.get("layout", "gpt")
+    size = parse_size(p.get("size", "320M" if fs == "xfs" else "128M"))
+    random_size = parse_size(p.get("random_size", "4M"))
+    mount = p.get("mount", "")
+    label = p.get("label", "data")
+    p.done()
+    if fs not in ("ext4", "xfs", "btrfs"):
+        raise HarnessError(f"data: fs must be ext4, xfs or btrfs, not {fs!r}")
+    if layout not in ("gpt", "none"):
+        raise HarnessError(f"data: layout must be gpt or none, not {layout!r}")
+    if fs == "btrfs" and not shutil.which("mkfs.btrfs"):
+        raise HarnessError("data: fs = btrfs needs mkfs.btrfs (btrfs-progs)")
+    if size % MiB:
+        raise HarnessError("data: size must be a multiple of 1 MiB")
+    w = ctx.workdir
+    tree = w / "data-tree"
+    marker_string = f"initcrypt-data-marker-{secrets.token_hex(16)}"
+    marker = (marker_string + "\n" + secrets.token_hex(2048) + "\n").encode()
+    (tree / "initcrypt-test").mkdir(parents=True)
+    (tree / "initcrypt-test" / "marker").write_bytes(marker)
+    rnd = secrets.token_bytes(random_size)
+    (tree / "initcrypt-test" / "random.bin").write_bytes(rnd)
+    files = {"/initcrypt-test/marker": hashlib.sha256(marker).hexdigest(),
+             "/initcrypt-test/random.bin": hashlib.sha256(rnd).hexdigest()}
+    fs_uuid = str(uuid.uuid4())
+    facts = {}
+    if layout == "gpt":
+        partuuid = str(uuid.uuid4())
+        make_file(image, size + 2 * MiB)
+        part = sfdisk(image, f"label: gpt\nstart=2048, size={size // SECTOR}, type={LINUX_FS_GUID}, "
+                             f"uuid={partuuid}, name={label}\n")[0]
+        offset = part["start"] * SECTOR
+        facts.update(partuuid=partuuid)
+    else:
+        make_file(image, size)
+        offset = 0
+    fsimg = w / "fs.img"
+    if fs == "ext4":
+        mkfs_ext4(fsimg, size, tree, fs_uuid, label=label)
+    elif fs == "xfs":
+        mkfs_xfs(fsimg, size, tree, fs_uuid, label=label, workdir=w)
+    else:
+        make_file(fsimg, size)
+        run(["mkfs.btrfs", "-q", "-f", "-U", fs_uuid, "-L", label, "--rootdir", tree, fsimg])
+    if count_in_file(fsimg, marker_string.encode()) < 1:
+        raise HarnessError(f"data: the marker string is not in the plaintext {fs} image (inline data?)")
+    fs_sha = sha256_file(fsimg)
+    write_at(image, fsimg, offset)
+    fsimg.unlink()
+    shutil.rmtree(tree)
+    passno = 0 if fs == "btrfs" else 2
+    facts.update(fs=fs, fs_uuid=fs_uuid, layout=layout, part_offset=offset, part_size=size, label=label,
+                 marker_string=marker_string, marker_path="/initcrypt-test/marker",
+                 file_sha256=files["/initcrypt-test/marker"], random_sha256=files["/initcrypt-test/random.bin"],
+                 files=json.dumps(files, sort_keys=True), fs_sha256=fs_sha, mount=mount,
+                 fstab_line=f"UUID={fs_uuid} {mount or '/mnt/' + label} {fs} defaults,nofail 0 {passno}")
+    return facts
+
+
 BUILDERS = {"bek": build_bek, "ade-os": build_ade_os, "plain-os": build_plain_os, "luks-data": build_luks_data,
-            "plain": build_plain}
+            "plain": build_plain, "data": build_data}
 
 
 def build_disk(builder: str, image: Path, params: dict, ctx: BuildContext) -> dict:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import check, diskcheck, disks, initramfs, realinitrd, vm
+from . import check, diskcheck, disks, guestrun, initramfs, realinitrd, vm
 from .binary import Binary, target_dir
 from .prepare import Prepared, make_skeleton
 from .scenario import Scenario, expand
@@ -178,6 +178,21 @@ def power_cut_boots(scn: Scenario, cmd: list[str], images: dict, out: Path, fact
     return records, failures
 
 
+def _run_guest(scn: Scenario, binary: Binary, out: Path, t0: float) -> Result:
+    """A full-OS scenario (guest = ...): see guestrun."""
+    serial = out / "serial.log"
+    try:
+        failures, details = guestrun.run_guest_scenario(scn, binary, out)
+        (out / "result.json").write_text(json.dumps({
+            "scenario": scn.name, "guest": scn.guest, "passed": not failures, "failures": failures, **details,
+            "binary": {"path": str(binary.path), "static": binary.static, "origin": binary.origin},
+        }, indent=2) + "\n")
+    except HarnessError as e:
+        failures = [f"harness error: {e}"]
+    return Result(name=scn.name, passed=not failures, wall=time.monotonic() - t0, serial_log=serial,
+                  failures=failures)
+
+
 def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
     t0 = time.monotonic()
     out = scenario_dir(scn.name)
@@ -186,6 +201,8 @@ def run_scenario(scn: Scenario, prep: Prepared, binary: Binary) -> Result:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        if scn.guest:
+            return _run_guest(scn, binary, out, t0)
         keys = disks.KeyStore(out / "keys")
         facts = build_disks(scn, out, keys)
         images = {name: Path(f["path"]) for name, f in facts.items()}

@@ -49,7 +49,7 @@ def drive_args(disk: DiskSpec, image: Path) -> tuple[list[str], list[str]]:
 
 def device_opts(disk: DiskSpec, node: str) -> tuple[str, dict]:
     """(driver, properties) of the guest-visible device; serial = the disk's name (virtio-blk: max 20 chars)."""
-    props = {"drive": node, "id": f"dev-{disk.name}", "serial": disk.name[:20]}
+    props = {"drive": node, "id": f"dev-{disk.name}", "serial": (disk.serial or disk.name)[:20]}
     if disk.physical_block_size:
         props.update(physical_block_size=disk.physical_block_size, logical_block_size=disk.logical_block_size)
     if disk.bus == "virtio":
@@ -63,12 +63,16 @@ def device_arg(disk: DiskSpec, node: str) -> str:
     return ",".join([driver] + [f"{k}={v}" for k, v in props.items()])
 
 
-def qemu_command(*, kernel: Path, initrd: Path, append: str, memory: int, smp: int, disks: list[DiskSpec],
-                 images: dict, qmp_sock: Path) -> list[str]:
+def qemu_command(*, kernel: Path, initrd: Path | None, append: str, memory: int, smp: int, disks: list[DiskSpec],
+                 images: dict, qmp_sock: Path, base: str = BASE_CMDLINE) -> list[str]:
+    """base: the harness's own arguments before `append` (full-OS boots pass "": their command line is the
+    guest's own, completed by guestboot.full_cmdline)."""
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory),
            "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
            "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-           "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{BASE_CMDLINE} {append}".strip()]
+           "-kernel", str(kernel), "-append", f"{base} {append}".strip()]
+    if initrd is not None:
+        cmd += ["-initrd", str(initrd)]
     for ctrl in sorted({d.controller for d in disks if d.bus == "scsi"}):
         cmd += ["-device", f"virtio-scsi-pci,id=scsi{ctrl}"]
     for d in disks:
