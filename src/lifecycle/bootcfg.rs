@@ -51,14 +51,25 @@ pub fn classify(root: &str) -> RootArg {
     RootArg::Other
 }
 
-/// The value of the last `root=` word of a command line (the kernel uses the last one).
+/// The value of the last `root=` word of a command line (the kernel uses the last one). A word
+/// may be quoted whole (`"root=UUID=x"`, as in a grub defaults line) or its value may be; the
+/// quotes are not part of the value.
 pub fn root_of(cmdline: &str) -> Option<String> {
     cmdline
         .split(|c: char| c.is_ascii() && is_blank(c as u8))
-        .filter(|w| !w.is_empty())
-        .filter_map(|w| w.strip_prefix("root="))
+        .filter_map(|w| core_of(w).1.strip_prefix("root="))
         .next_back()
-        .map(|v| v.trim_matches('"').to_string())
+        .map(|v| v.trim_matches(QUOTES).to_string())
+}
+
+const QUOTES: [char; 2] = ['"', '\''];
+
+/// A word without the quotes around it: (leading quotes, the word, trailing quotes).
+fn core_of(word: &str) -> (&str, &str, &str) {
+    let inner = word.trim_start_matches(QUOTES);
+    let pre = &word[..word.len() - inner.len()];
+    let core = inner.trim_end_matches(QUOTES);
+    (pre, core, &inner[core.len()..])
 }
 
 /// What to change on the command line.
@@ -88,22 +99,18 @@ fn is_blank(c: u8) -> bool {
     c.is_ascii_whitespace() || c == 0x0b
 }
 
-fn is_sep(c: u8) -> bool {
-    is_blank(c) || c == b'"' || c == b'\''
-}
-
-/// Words of `text` (separated by blanks or quotes) with their byte ranges.
+/// Blank-separated words of `text` with their byte ranges.
 fn words(text: &str) -> Vec<Range<usize>> {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if is_sep(b[i]) {
+        if is_blank(b[i]) {
             i += 1;
             continue;
         }
         let s = i;
-        while i < b.len() && !is_sep(b[i]) {
+        while i < b.len() && !is_blank(b[i]) {
             i += 1;
         }
         out.push(s..i);
@@ -112,39 +119,42 @@ fn words(text: &str) -> Vec<Range<usize>> {
 }
 
 /// Apply `fix` to the kernel-parameter words of `text` (a whole /etc/kernel/cmdline, or the value
-/// part of a GRUB_CMDLINE_LINUX line); everything else stays byte for byte. A dropped word takes
-/// one run of blanks with it (the one before it, else the one after), never a quote.
+/// part of a GRUB_CMDLINE_LINUX line); everything else stays byte for byte. Quotes around a word
+/// stay where they are. A dropped word takes one run of blanks with it (the one before it, else
+/// the one after); quotes it leaves join the word before.
 fn fix_words(text: &str, fix: &Fix) -> String {
     let blank = |g: &str| !g.is_empty() && g.bytes().all(|c| c == b' ' || c == b'\t');
     let mut out = String::with_capacity(text.len());
     let mut pos = 0;
     let mut eat_blanks = false;
     for w in words(text) {
-        let word = &text[w.clone()];
+        let (pre, core, post) = core_of(&text[w.clone()]);
         let mut gap = &text[pos..w.start];
         if eat_blanks {
             gap = gap.trim_start_matches([' ', '\t']);
             eat_blanks = false;
         }
         let drop = fix.drop_ade
-            && (word.starts_with("rd.luks.ade.partuuid=")
-                || word.starts_with("rd.luks.ade.bootuuid="));
+            && (core.starts_with("rd.luks.ade.partuuid=")
+                || core.starts_with("rd.luks.ade.bootuuid="));
         if drop {
-            if blank(gap) && !out.is_empty() {
-                // the blanks before it go with it
-            } else {
+            if !(blank(gap) && !out.is_empty()) {
                 out.push_str(gap);
                 eat_blanks = true;
             }
+            out.push_str(pre);
+            out.push_str(post);
         } else {
             out.push_str(gap);
-            match word.strip_prefix("root=") {
-                Some(v) if fix.wants(v) => {
+            out.push_str(pre);
+            match core.strip_prefix("root=") {
+                Some(v) if fix.wants(v.trim_matches(QUOTES)) => {
                     out.push_str("root=UUID=");
                     out.push_str(&fix.uuid);
                 }
-                _ => out.push_str(word),
+                _ => out.push_str(core),
             }
+            out.push_str(post);
         }
         pos = w.end;
     }
@@ -404,12 +414,35 @@ GRUB_DISABLE_LINUX_UUID=true\n";
         assert_eq!(fix_words("a rd.luks.ade.bootuuid=b c\n", &f), "a c\n");
     }
 
+    /// Found by the bootcfg fuzz target: quotes inside a word, and quotes left by a dropped word.
+    #[test]
+    fn quotes_inside_words() {
+        let f = fix(true, true);
+        assert_eq!(root_of("root=\"\"/dev/sdo\"\""), Some("/dev/sdo".into()));
+        assert_eq!(
+            fix_cmdline_file("root=\"\"/dev/sdo\"\"", &f),
+            "root=UUID=1234-abcd\"\""
+        );
+        assert_eq!(
+            fix_words("\"quiet rd.luks.ade.partuuid=x\"", &f),
+            "\"quiet\""
+        );
+        assert_eq!(
+            fix_words("\"rd.luks.ade.partuuid=x quiet\"", &f),
+            "\"quiet\""
+        );
+        assert_eq!(root_of("\"root=UUID=a\""), Some("UUID=a".into()));
+    }
+
     /// Found by the bootcfg fuzz target: the kernel (isspace) and the editor must agree on words.
     #[test]
     fn vertical_tab_separates_words_like_the_kernel() {
         let t = "ro\x0broot=PARTUUID=aa-02";
         assert_eq!(root_of(t).as_deref(), Some("PARTUUID=aa-02"));
-        assert_eq!(fix_cmdline_file(t, &fix(false, false)), "ro\x0broot=UUID=1234-abcd");
+        assert_eq!(
+            fix_cmdline_file(t, &fix(false, false)),
+            "ro\x0broot=UUID=1234-abcd"
+        );
     }
 
     #[test]

@@ -414,8 +414,12 @@ fn builder_findings(inv: &Inventory, f: &mut Vec<Finding>) {
             Finding::fail(
                 "kernel.installed",
                 "/lib/modules",
-                "no installed kernel (lib/modules/<version> with a vmlinuz)",
-                "install a kernel package",
+                if inv.boot.mounted || inv.boot.entry.is_none() {
+                    "no installed kernel (lib/modules/<version> with a vmlinuz)"
+                } else {
+                    "no kernel image in /boot: /boot is not mounted"
+                },
+                "install a kernel package (or mount /boot)",
             )
             .hard(),
         );
