@@ -211,6 +211,46 @@ pub fn grub_cfg_roots(text: &str) -> Vec<Option<String>> {
         .collect()
 }
 
+fn is_cmdline_assignment(line: &str) -> bool {
+    let t = line.trim_start();
+    let t = t.strip_prefix("export ").unwrap_or(t).trim_start();
+    t.starts_with("GRUB_CMDLINE_LINUX=")
+}
+
+/// `line` (a GRUB_CMDLINE_LINUX= assignment) with `word` added inside its value, or None when
+/// the value already has a root= word.
+fn pin_line(line: &str, word: &str) -> Option<String> {
+    let eq = line.find('=')? + 1;
+    let (body, nl) = match line.strip_suffix('\n') {
+        Some(b) => (b, "\n"),
+        None => (line, ""),
+    };
+    let value = &body[eq..];
+    if root_of(value).is_some() {
+        return None;
+    }
+    let first = value.chars().next();
+    let new_value = match first {
+        Some(q @ ('"' | '\'')) => {
+            let close = value[1..].find(q)? + 1;
+            let inside = &value[1..close];
+            let sep = if inside.trim().is_empty() { "" } else { " " };
+            format!("{}{sep}{word}{}", &value[..close], &value[close..])
+        }
+        _ if value.trim().is_empty() => format!("\"{word}\"{}", value.trim_start()),
+        _ => {
+            let (v, rest) = value
+                .split_once(|c: char| c == ' ' || c == '\t')
+                .unwrap_or((value, ""));
+            format!(
+                "\"{v} {word}\"{}{rest}",
+                if rest.is_empty() { "" } else { " " }
+            )
+        }
+    };
+    Some(format!("{}{new_value}{nl}", &body[..eq]))
+}
+
 /// How the next boot's command line is configured in a root tree.
 #[derive(Debug, Clone, Default)]
 pub struct BootConfig {
@@ -291,15 +331,54 @@ impl BootConfig {
         c
     }
 
-    /// The files `fix` changes, with their new text.
-    pub fn edits(&self, fix: &Fix) -> Vec<(PathBuf, String)> {
-        let mut out = Vec::new();
-        for (p, t) in &self.defaults {
-            let n = fix_grub_defaults(t, fix);
-            if n != *t {
-                out.push((p.clone(), n));
+    /// The files `fix` changes, with their new text, plus `root=UUID=<uuid>` pinned at the end of the last `GRUB_CMDLINE_LINUX=` the
+    /// grub defaults assign (in the order grub-mkconfig sources them), when that line has no
+    /// root= word. Why: grub-mkconfig writes its own root= from what it probes, and probes
+    /// `root=/dev/mapper/<name>` when /dev/disk/by-uuid does not list the mapped filesystem (a
+    /// mapping udev did not fully describe); the kernel, dracut and initramfs-tools all take the
+    /// *last* root= word, and GRUB_CMDLINE_LINUX comes after grub's own, so ours decides whatever
+    /// grub-mkconfig probes at a later kernel upgrade.
+    pub fn edits_pinned(&self, fix: &Fix) -> Vec<(PathBuf, String)> {
+        let mut files: Vec<(PathBuf, String)> = self
+            .defaults
+            .iter()
+            .map(|(p, t)| (p.clone(), fix_grub_defaults(t, fix)))
+            .collect();
+        let mut last = None;
+        for (fi, (_, text)) in files.iter().enumerate() {
+            for (li, line) in text.split_inclusive('\n').enumerate() {
+                if is_cmdline_assignment(line) {
+                    last = Some((fi, li));
+                }
             }
         }
+        let pin = format!("root=UUID={}", fix.uuid);
+        match last {
+            Some((fi, li)) => {
+                let text = &files[fi].1;
+                let lines: Vec<&str> = text.split_inclusive('\n').collect();
+                if let Some(new) = pin_line(lines[li], &pin) {
+                    let mut out: String = lines[..li].concat();
+                    out.push_str(&new);
+                    out.push_str(&lines[li + 1..].concat());
+                    files[fi].1 = out;
+                }
+            }
+            None => {
+                if let Some((_, text)) = files.first_mut() {
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("GRUB_CMDLINE_LINUX=\"{pin}\"\n"));
+                }
+            }
+        }
+        let mut out: Vec<(PathBuf, String)> = files
+            .into_iter()
+            .zip(&self.defaults)
+            .filter(|((_, new), (_, old))| new != old)
+            .map(|(f, _)| f)
+            .collect();
         if let Some((p, t)) = &self.kernel_cmdline {
             let n = fix_cmdline_file(t, fix);
             if n != *t {
@@ -412,6 +491,52 @@ GRUB_DISABLE_LINUX_UUID=true\n";
         assert_eq!(fix_words("ro rd.luks.ade.partuuid=a", &f), "ro");
         assert_eq!(fix_words("\"rd.luks.ade.partuuid=a\"", &f), "\"\"");
         assert_eq!(fix_words("a rd.luks.ade.bootuuid=b c\n", &f), "a c\n");
+    }
+
+    #[test]
+    fn root_is_pinned_in_the_last_assignment() {
+        let d = tempfile::tempdir().unwrap();
+        let w = |rel: &str, t: &str| {
+            std::fs::create_dir_all(d.path().join(rel).parent().unwrap()).unwrap();
+            std::fs::write(d.path().join(rel), t).unwrap();
+        };
+        w(
+            "etc/default/grub",
+            "GRUB_CMDLINE_LINUX=\"console=ttyS0\" # serial\n",
+        );
+        let c = BootConfig::read(d.path());
+        let e = c.edits_pinned(&fix(false, false));
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e[0].1,
+            "GRUB_CMDLINE_LINUX=\"console=ttyS0 root=UUID=1234-abcd\" # serial\n"
+        );
+        // a grub.d snippet assigning it later is the one grub-mkconfig uses
+        w("etc/default/grub.d/50-cloud.cfg", "GRUB_CMDLINE_LINUX=''\n");
+        let c = BootConfig::read(d.path());
+        let e = c.edits_pinned(&fix(false, false));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].1, "GRUB_CMDLINE_LINUX='root=UUID=1234-abcd'\n");
+        // already there (any form that survives): nothing to do
+        w(
+            "etc/default/grub.d/50-cloud.cfg",
+            "GRUB_CMDLINE_LINUX=\"$GRUB_CMDLINE_LINUX root=UUID=1234-abcd\"\n",
+        );
+        assert!(BootConfig::read(d.path())
+            .edits_pinned(&fix(false, false))
+            .is_empty());
+        // no assignment at all: one line appended
+        std::fs::remove_dir_all(d.path().join("etc/default/grub.d")).unwrap();
+        w("etc/default/grub", "GRUB_TIMEOUT=0");
+        let e = BootConfig::read(d.path()).edits_pinned(&fix(false, false));
+        assert_eq!(
+            e[0].1,
+            "GRUB_TIMEOUT=0\nGRUB_CMDLINE_LINUX=\"root=UUID=1234-abcd\"\n"
+        );
+        assert_eq!(
+            pin_line("GRUB_CMDLINE_LINUX=quiet\n", "root=UUID=x").unwrap(),
+            "GRUB_CMDLINE_LINUX=\"quiet root=UUID=x\"\n"
+        );
     }
 
     /// Found by the bootcfg fuzz target: quotes inside a word, and quotes left by a dropped word.

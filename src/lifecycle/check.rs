@@ -459,8 +459,8 @@ fn bootloader_findings(inv: &Inventory, vt: VolumeType, f: &mut Vec<Finding>) {
         replace_mapping: false,
         drop_ade: false,
     };
-    let regen_needed =
-        vt.includes(Role::Os) && (cfg.stale_grub_entries(&fix) > 0 || !cfg.edits(&fix).is_empty());
+    let regen_needed = vt.includes(Role::Os)
+        && (cfg.stale_grub_entries(&fix) > 0 || !cfg.edits_pinned(&fix).is_empty());
     match &cfg.tool {
         Some((t, _)) => f.push(Finding::ok("bootloader.tools", &at, format!("{} regenerates it", t.display()))),
         None if regen_needed => f.push(Finding::fail(

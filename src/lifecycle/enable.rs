@@ -420,7 +420,7 @@ pub fn enable(t: &Target, opts: &Options, out: &mut dyn Write) -> Result<(), Err
     });
     let (edits, regen) = match (&fix, os_planned) {
         (Some(fix), true) => {
-            let edits = inv.bootcfg.edits(fix);
+            let edits = inv.bootcfg.edits_pinned(fix);
             let regen = inv.bootcfg.grub_cfg.is_some()
                 && (!edits.is_empty() || inv.bootcfg.stale_grub_entries(fix) > 0);
             (edits, regen)
@@ -606,7 +606,7 @@ pub fn disable(t: &Target, vt: VolumeType, out: &mut dyn Write) -> Result<(), Er
     }
     let edits = fix
         .as_ref()
-        .map(|f| inv.bootcfg.edits(f))
+        .map(|f| inv.bootcfg.edits_pinned(f))
         .unwrap_or_default();
     let regen = fix.as_ref().is_some_and(|f| {
         inv.bootcfg.grub_cfg.is_some()

@@ -68,14 +68,15 @@ done
 "#;
 
 const STUB_UPDATE_GRUB: &str = r#"#!/bin/bash
-# Stub of update-grub: grub-mkconfig's root= rule (UUID unless GRUB_DISABLE_LINUX_UUID=true,
-# GRUB_FORCE_PARTUUID first) and the command-line variables, as 10_linux writes them.
+# Stub of update-grub: grub-mkconfig's root= rule (UUID unless GRUB_DISABLE_LINUX_UUID=true or
+# /dev/disk/by-uuid lacks the root filesystem (STUB_NO_BYUUID), GRUB_FORCE_PARTUUID first) and the
+# command-line variables, as 10_linux writes them.
 set -e
 echo "update-grub" >> "$STUB_LOG"
 . "$ROOT/etc/default/grub"
 for f in "$ROOT"/etc/default/grub.d/*.cfg; do [ -f "$f" ] && . "$f"; done
 if [ -n "$GRUB_FORCE_PARTUUID" ]; then root="PARTUUID=$GRUB_FORCE_PARTUUID"
-elif [ "$GRUB_DISABLE_LINUX_UUID" = true ]; then root="$STUB_ROOT_DEVICE"
+elif [ "$GRUB_DISABLE_LINUX_UUID" = true ] || [ -n "$STUB_NO_BYUUID" ]; then root="$STUB_ROOT_DEVICE"
 else root="UUID=$STUB_ROOT_UUID"; fi
 [ -n "$STUB_FAIL_GRUB" ] && { echo "grub-probe: error: failed to get canonical path of /dev/root" >&2; exit 1; }
 out="$ROOT/boot/grub/grub.cfg"

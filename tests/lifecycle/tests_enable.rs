@@ -8,7 +8,7 @@ use initcrypt::config::{self, Desired, Header, Role};
 use initcrypt::exit::{Classify, Exit};
 use initcrypt::lifecycle::enable::{self, Options};
 use initcrypt::lifecycle::initramfs;
-use initcrypt::lifecycle::machine::Observation;
+use initcrypt::lifecycle::machine::{Machine, Observation};
 use initcrypt::lifecycle::VolumeType;
 
 use crate::fake::*;
@@ -615,4 +615,48 @@ fn offline_root_tree_uses_no_host_state() {
     enable::enable(&target, &opts(VolumeType::Os), &mut out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(volumes(&t).len(), 1);
     assert!(!t.read("boot/grub/grub.cfg").contains("PARTUUID"));
+}
+
+/// grub-mkconfig writes root=/dev/mapper/osencrypt when udev's by-uuid link of the mapped root is
+/// missing (seen on the initramfs-tools guest after a kernel update); the root=UUID= that enable
+/// pins at the end of GRUB_CMDLINE_LINUX is the last root= word, so it decides, and disable's
+/// check of grub.cfg passes.
+#[test]
+fn a_root_probed_as_the_mapping_is_overridden_by_the_pinned_uuid() {
+    let t = Tree::new();
+    t.write(
+        "etc/default/grub",
+        "GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX=\"console=ttyS0\"\n",
+    );
+    t.write(
+        "boot/grub/grub.cfg",
+        &format!("menuentry 'Debian' {{\n\tlinux\t/vmlinuz-{KVER} root=UUID={ROOT_UUID} ro console=ttyS0\n}}\n"),
+    );
+    let mut f = Fake::vm(&t);
+    run_enable(&f, &opts(VolumeType::Os)).0.unwrap();
+    assert_eq!(
+        t.read("etc/default/grub"),
+        format!("GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX=\"console=ttyS0 root=UUID={ROOT_UUID}\"\n")
+    );
+    // encrypted; the OS regenerates grub.cfg itself (a kernel update) without the by-uuid link
+    f.add_mapping("dm-0", "osencrypt", "CRYPT", "vda2", ROOT_UUID);
+    f.mounts.get_mut("/").unwrap().device = Some("dm-0".into());
+    f.observe_as("osencrypt", Observation::Open { dm: "dm-0".into() });
+    f.set_env("STUB_NO_BYUUID", "1");
+    f.set_env("STUB_ROOT_DEVICE", "/dev/mapper/osencrypt");
+    let st = f.exec(Path::new("/usr/sbin/update-grub"), &[]).unwrap();
+    assert!(st.status.success());
+    let cfg = t.read("boot/grub/grub.cfg");
+    assert!(
+        cfg.contains(&format!(
+            "root=/dev/mapper/osencrypt ro console=ttyS0 root=UUID={ROOT_UUID}"
+        )),
+        "{cfg}"
+    );
+    assert_eq!(
+        initcrypt::lifecycle::bootcfg::grub_cfg_roots(&cfg)[0].as_deref(),
+        Some(format!("UUID={ROOT_UUID}").as_str())
+    );
+    let (r, out) = run_disable(&f, VolumeType::Os);
+    r.unwrap_or_else(|e| panic!("{e}\n{out}"));
 }
