@@ -8,9 +8,11 @@
 //!   naming the partition (`PARTUUID=`, `/dev/sdX`) becomes `UUID=<filesystem UUID>`; everything
 //!   else stays byte for byte. `/etc/initcrypt/fstab.before-enable` keeps the fstab as it was
 //!   before initcrypt changed any line (disable restores from it);
-//! - the kernel command line (`/etc/default/grub`, `grub.d/*.cfg`, `/etc/kernel/cmdline`) when its
-//!   `root=` names the partition, then grub.cfg through update-grub/grub-mkconfig; the first
-//!   version of each file is kept as `/etc/initcrypt/<file>.before-enable`;
+//! - the kernel command line (`/etc/default/grub`, `grub.d/*.cfg`, `/etc/kernel/cmdline`): a
+//!   `root=` naming the partition becomes `root=UUID=`, and `root=UUID=` is pinned at the end of
+//!   GRUB_CMDLINE_LINUX (see `BootConfig::edits_pinned`), then grub.cfg through
+//!   update-grub/grub-mkconfig; the first version of each file is kept under
+//!   `/etc/initcrypt/before-enable/` and put back by the `disable` that follows the decryption;
 //! - every installed kernel's initramfs, rebuilt with the distribution's tool and then read back:
 //!   each must carry initcrypt and exactly the new volumes.json.
 //!
@@ -49,6 +51,8 @@ use crate::pass::Direction;
 
 pub const FSTAB_BACKUP: &str = "etc/initcrypt/fstab.before-enable";
 pub const CRYPTTAB_BACKUP: &str = "etc/initcrypt/crypttab.before-disable";
+/// Boot configuration files as they were before enable first changed them (same relative paths).
+pub const BOOT_BACKUP_DIR: &str = "etc/initcrypt/before-enable";
 const ROLLBACK_SPILL: &str = "var/lib/initcrypt/rollback";
 
 #[derive(Debug, thiserror::Error)]
@@ -279,7 +283,7 @@ fn transact(
 
 /// Regenerate grub.cfg (when `needed`) and prove that no entry still boots a `root=` the fix
 /// replaces.
-fn regenerate_grub(t: &Target, tx: &mut Transaction, fix: &Fix) -> Result<(), Error> {
+fn regenerate_grub(t: &Target, tx: &mut Transaction, fix: Option<&Fix>) -> Result<(), Error> {
     let cfg = bootcfg::BootConfig::read(&t.root);
     let Some((tool, args)) = &cfg.tool else {
         return Err(Error::Grub(
@@ -291,6 +295,9 @@ fn regenerate_grub(t: &Target, tx: &mut Transaction, fix: &Fix) -> Result<(), Er
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     initramfs::run_tool(t.machine, tool, &args)?;
+    let Some(fix) = fix else {
+        return Ok(());
+    };
     let after = bootcfg::BootConfig::read(&t.root);
     let stale = after.stale_grub_entries(fix);
     if stale > 0 {
@@ -325,14 +332,10 @@ fn rebuild_initramfs(
     Ok(())
 }
 
-/// Write a backup of `path` under /etc/initcrypt the first time the file changes.
+/// Write a backup of `path` under /etc/initcrypt/before-enable/<path> the first time it changes.
 fn first_backup(t: &Target, tx: &mut Transaction, path: &Path) -> Result<(), Error> {
     let rel = path.strip_prefix(&t.root).unwrap_or(path);
-    let name = rel
-        .to_string_lossy()
-        .trim_start_matches("etc/")
-        .replace('/', "-");
-    let backup = t.path(&format!("etc/initcrypt/{name}.before-enable"));
+    let backup = t.path(BOOT_BACKUP_DIR).join(rel);
     if backup.exists() {
         return Ok(());
     }
@@ -340,6 +343,86 @@ fn first_backup(t: &Target, tx: &mut Transaction, path: &Path) -> Result<(), Err
         tx.write(&backup, &bytes, 0o644)?;
     }
     Ok(())
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Once no OS volume is left (the decrypting boot is done): put back the boot configuration
+/// files enable changed, each one only if it is still exactly what enable made of it (an
+/// operator's later edit is kept, with a line saying so). Returns whether a file was restored.
+fn restore_boot_config(
+    t: &Target,
+    tx: &mut Transaction,
+    inv: &Inventory,
+    uuid: &str,
+    out: &mut dyn Write,
+) -> Result<bool, Error> {
+    let dir = t.path(BOOT_BACKUP_DIR);
+    let backups: Vec<(PathBuf, PathBuf)> = files_under(&dir)
+        .into_iter()
+        .filter_map(|b| Some((t.root.join(b.strip_prefix(&dir).ok()?), b)))
+        .collect();
+    if backups.is_empty() {
+        return Ok(false);
+    }
+    let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    // The configuration as it was before enable, and what enable made of it.
+    let mut before = inv.bootcfg.clone();
+    for (cur, bak) in &backups {
+        for (p, text) in before
+            .defaults
+            .iter_mut()
+            .chain(before.kernel_cmdline.iter_mut())
+        {
+            if p == cur {
+                *text = read(bak);
+            }
+        }
+    }
+    let fix = Fix {
+        uuid: uuid.to_string(),
+        replace_mapping: false,
+        drop_ade: false,
+    };
+    let made = before.edits_pinned(&fix);
+    let mut restored = false;
+    for (cur, bak) in &backups {
+        let original = read(bak);
+        let expected = made
+            .iter()
+            .find(|(p, _)| p == cur)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| original.clone());
+        if read(cur) == expected {
+            tx.write(cur, original.as_bytes(), 0o644)?;
+            tx.remove(bak)?;
+            restored = true;
+        } else {
+            let _ = writeln!(
+                out,
+                "left as is: {} was changed after enable; its original stays in {}",
+                cur.display(),
+                bak.display()
+            );
+        }
+    }
+    Ok(restored)
 }
 
 pub fn enable(t: &Target, opts: &Options, out: &mut dyn Write) -> Result<(), Error> {
@@ -443,7 +526,7 @@ pub fn enable(t: &Target, opts: &Options, out: &mut dyn Write) -> Result<(), Err
             tx.write(p, text.as_bytes(), 0o644)?;
         }
         if let (true, Some(fix)) = (regen, &fix) {
-            regenerate_grub(t, tx, fix)?;
+            regenerate_grub(t, tx, Some(fix))?;
         }
         // Enabling again with nothing new: the images already carry this volumes.json.
         let current_images = initramfs::verify(&inv.kernels, Some(json.as_bytes())).is_ok();
@@ -630,6 +713,7 @@ pub fn disable(t: &Target, vt: VolumeType, out: &mut dyn Write) -> Result<(), Er
     }
 
     let json = (!vols.is_empty()).then(|| volumes::render(&vols));
+    let os_done = !ade_left && !vols.iter().any(|v| v.role == Role::Os);
     let tx = Transaction::new(t.path(ROLLBACK_SPILL));
     let changed = transact(tx, |tx| {
         if !removed.is_empty() {
@@ -658,7 +742,14 @@ pub fn disable(t: &Target, vt: VolumeType, out: &mut dyn Write) -> Result<(), Er
             tx.write(p, text.as_bytes(), 0o644)?;
         }
         if let (true, Some(f)) = (regen, &fix) {
-            regenerate_grub(t, tx, f)?;
+            regenerate_grub(t, tx, Some(f))?;
+        }
+        // The decrypting boot is done: the boot configuration goes back to what it was (the
+        // root is on its partition again, so grub-mkconfig's own root= is right again).
+        if let (true, Some(u)) = (os_done, &inv.os.fs_uuid) {
+            if restore_boot_config(t, tx, &inv, u, &mut *out)? && inv.bootcfg.grub_cfg.is_some() {
+                regenerate_grub(t, tx, None)?;
+            }
         }
         if !tx.changed().is_empty() {
             rebuild_initramfs(t, tx, &inv, json.as_ref().map(|j| j.as_bytes()))?;

@@ -126,7 +126,7 @@ fn enable_all_writes_what_the_next_boot_needs() {
         )
     );
     assert_eq!(
-        t.read("etc/initcrypt/default-grub.before-enable"),
+        t.read("etc/initcrypt/before-enable/etc/default/grub"),
         GRUB_DEFAULTS
     );
     let cfg = t.read("boot/grub/grub.cfg");
@@ -510,11 +510,21 @@ fn disable_all_restores_fstab_and_points_root_at_the_filesystem() {
     for n in ["osencrypt", "data0_1p1", "data0_2"] {
         f.observe_as(n, Observation::Plaintext);
     }
+    f.devices.retain(|(_, d)| d.dm.is_none());
+    f.mounts.get_mut("/").unwrap().device = Some("vda2".into());
     let (r, out) = run_disable(&f, VolumeType::All);
     r.unwrap_or_else(|e| panic!("{e}\n{out}"));
     assert!(out.contains("volumes.json removed"), "{out}");
     assert!(!t.path("etc/initcrypt/volumes.json").exists());
     assert_eq!(t.read("etc/fstab"), fstab);
+    // the boot configuration is the original again (root=PARTUUID works on a plain partition)
+    assert_eq!(t.read("etc/default/grub"), GRUB_DEFAULTS);
+    assert!(!t
+        .path("etc/initcrypt/before-enable/etc/default/grub")
+        .exists());
+    assert!(t
+        .read("boot/grub/grub.cfg")
+        .contains(&format!("root=PARTUUID={ROOT_PARTUUID}")));
     // and a third time: nothing to do, nothing changed
     let before = t.digest();
     let (r, out) = run_disable(&f, VolumeType::All);
@@ -659,4 +669,26 @@ fn a_root_probed_as_the_mapping_is_overridden_by_the_pinned_uuid() {
     );
     let (r, out) = run_disable(&f, VolumeType::Os);
     r.unwrap_or_else(|e| panic!("{e}\n{out}"));
+}
+
+/// After the decrypting boot the boot configuration goes back to its original, unless the operator
+/// changed it since enable: then it stays, and so does its backup.
+#[test]
+fn an_edit_after_enable_is_kept_when_the_configuration_is_restored() {
+    let t = Tree::new();
+    let f = Fake::vm(&t);
+    run_enable(&f, &opts(VolumeType::Os)).0.unwrap();
+    run_disable(&f, VolumeType::Os).0.unwrap();
+    let edited = format!("{}GRUB_TIMEOUT_STYLE=hidden\n", t.read("etc/default/grub"));
+    t.write("etc/default/grub", &edited);
+    f.observe_as("osencrypt", Observation::Plaintext);
+    let (r, out) = run_disable(&f, VolumeType::Os);
+    r.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    assert!(out.contains("left as is"), "{out}");
+    assert_eq!(t.read("etc/default/grub"), edited);
+    assert_eq!(
+        t.read("etc/initcrypt/before-enable/etc/default/grub"),
+        GRUB_DEFAULTS
+    );
+    assert!(!t.path("etc/initcrypt/volumes.json").exists());
 }
