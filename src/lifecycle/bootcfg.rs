@@ -138,7 +138,7 @@ fn fix_words(text: &str, fix: &Fix) -> String {
             && (core.starts_with("rd.luks.ade.partuuid=")
                 || core.starts_with("rd.luks.ade.bootuuid="));
         if drop {
-            if !(blank(gap) && !out.is_empty()) {
+            if !blank(gap) || out.is_empty() {
                 out.push_str(gap);
                 eat_blanks = true;
             }
@@ -239,9 +239,7 @@ fn pin_line(line: &str, word: &str) -> Option<String> {
         }
         _ if value.trim().is_empty() => format!("\"{word}\"{}", value.trim_start()),
         _ => {
-            let (v, rest) = value
-                .split_once(|c: char| c == ' ' || c == '\t')
-                .unwrap_or((value, ""));
+            let (v, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
             format!(
                 "\"{v} {word}\"{}{rest}",
                 if rest.is_empty() { "" } else { " " }
