@@ -38,3 +38,18 @@ pub fn route_cryptsetup_log(debug: bool) {
     };
     libcryptsetup_rs::set_debug_level(level);
 }
+
+/// Move the calling thread (the lifecycle commands are single-threaded) into a private mount
+/// namespace, so that the /proc, /sys and /dev mounts made for a chroot into an image (`enable
+/// --root DIR`) are seen by our children only and vanish with the process.
+pub fn unshare_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: CLONE_NEWNS (which implies CLONE_FS) only gives this thread its own copy of the
+    // mount table and of its root/cwd/umask; it touches no memory and no file descriptor table
+    // (CLONE_FILES, the flag that makes unshare unsafe for other threads' descriptors, is not set).
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

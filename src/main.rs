@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 
 use initcrypt::pass::{self, Direction};
 use initcrypt::secret::Secret;
-use initcrypt::{boot, config, exit, keys, keyvol, kmsg, status};
+use initcrypt::{boot, config, exit, keys, keyvol, kmsg, lifecycle, status};
 use zeroize::Zeroizing;
 
 use std::path::{Path, PathBuf};
@@ -167,27 +167,34 @@ struct KeyvolCmd {
     json: bool,
 }
 
-/// want volumes encrypted (not implemented yet)
-#[allow(dead_code)]
+/// want volumes encrypted: runs check, writes volumes.json, fstab, the kernel command line and every initramfs; the next boot encrypts
 #[derive(FromArgs)]
 #[argh(subcommand, name = "enable")]
 struct EnableCmd {
     /// os, data or all
     #[argh(option)]
     volume_type: String,
-    /// format empty data disks instead of encrypting in place
+    /// format empty data disks instead of encrypting in place (issue [7]; exits 2 for now)
     #[argh(switch)]
     format_empty: bool,
+    /// a mounted image to prepare offline instead of the running system (its /boot mounted at DIR/boot)
+    #[argh(option)]
+    root: Option<PathBuf>,
+    /// go on despite this failing check finding (repeat for each)
+    #[argh(option)]
+    force: Vec<String>,
 }
 
-/// want volumes decrypted (not implemented yet)
-#[allow(dead_code)]
+/// want volumes decrypted: the next boot decrypts them and root=/fstab point back at the filesystems
 #[derive(FromArgs)]
 #[argh(subcommand, name = "disable")]
 struct DisableCmd {
     /// data, os or all
     #[argh(option)]
     volume_type: String,
+    /// a mounted image to change offline instead of the running system
+    #[argh(option)]
+    root: Option<PathBuf>,
 }
 
 /// replace the key of every encrypted volume: the new key is added and verified on every volume before any old keyslot is removed; any failure rolls back, and after an interruption the same command finishes. Platform order: attach the new key volume, run rotate, detach the old key volume only after rotate exits 0
@@ -205,10 +212,20 @@ struct RotateCmd {
     json: bool,
 }
 
-/// pre-flight checks only (not implemented yet)
+/// pre-flight checks: one finding per line (ok|warn|fail, id, where, what, fix); exit 0 when nothing fails
 #[derive(FromArgs)]
 #[argh(subcommand, name = "check")]
-struct CheckCmd {}
+struct CheckCmd {
+    /// os, data or all (default all)
+    #[argh(option, default = "String::from(\"all\")")]
+    volume_type: String,
+    /// a mounted image to inspect instead of the running system
+    #[argh(option)]
+    root: Option<PathBuf>,
+    /// machine-readable output
+    #[argh(switch)]
+    json: bool,
+}
 
 /// One failure, printed as one line by `main`.
 struct Failure {
@@ -320,6 +337,95 @@ fn image_pass(p: &ImagePass, dir: Direction) -> Result<(), Failure> {
     Ok(())
 }
 
+// --- lifecycle: check, enable, disable ---------------------------------------------------------
+
+fn volume_type(s: &str) -> Result<lifecycle::VolumeType, Failure> {
+    lifecycle::VolumeType::parse(s).ok_or_else(|| Failure {
+        exit: Exit::Usage,
+        line: format!("--volume-type {s}: expected os, data or all"),
+    })
+}
+
+/// enable/disable always write the root's /etc/initcrypt/volumes.json (the initramfs hooks read
+/// that path): --config is for the read-only commands.
+fn lifecycle_root(cli: &Cli, root: &Option<PathBuf>) -> Result<(PathBuf, bool), Failure> {
+    if cli.config != Path::new(config::DEFAULT_PATH) {
+        return Err(Failure {
+            exit: Exit::Usage,
+            line: format!("--config does not apply here: check/enable/disable use {} of the root (--root DIR for an image)", config::DEFAULT_PATH),
+        });
+    }
+    match root {
+        Some(r) if r.is_dir() => Ok((r.clone(), r != Path::new("/"))),
+        Some(r) => Err(Failure {
+            exit: Exit::Usage,
+            line: format!("--root {}: not a directory; mount the image's root there (and its /boot at DIR/boot)", r.display()),
+        }),
+        None => Ok((PathBuf::from("/"), false)),
+    }
+}
+
+fn lifecycle_cmd(cli: &Cli) -> Result<(), Failure> {
+    use lifecycle::enable::{self as en, Target};
+    use lifecycle::machine::Live;
+    let root_opt = match &cli.cmd {
+        Cmd::Check(c) => &c.root,
+        Cmd::Enable(c) => &c.root,
+        Cmd::Disable(c) => &c.root,
+        _ => return Ok(()),
+    };
+    let (root, offline) = lifecycle_root(cli, root_opt)?;
+    let live = Live::new(&root);
+    let target = Target {
+        machine: &live,
+        root,
+        offline,
+    };
+    let mut out = std::io::stdout();
+    match &cli.cmd {
+        Cmd::Check(c) => {
+            let findings = en::check(&target, volume_type(&c.volume_type)?);
+            if c.json {
+                let text =
+                    serde_json::to_string_pretty(&serde_json::json!({ "findings": findings }))
+                        .map_err(|e| Failure {
+                            exit: Exit::Usage,
+                            line: e.to_string(),
+                        })?;
+                println!("{text}");
+            } else {
+                for f in &findings {
+                    println!("{}", f.line());
+                }
+            }
+            let exit = lifecycle::check::exit_of(&findings);
+            if exit != Exit::Ok {
+                let failing = findings
+                    .iter()
+                    .filter(|f| f.level == lifecycle::check::Level::Fail)
+                    .count();
+                return Err(Failure {
+                    exit,
+                    line: format!(
+                        "check: {failing} failing finding(s); fix them before `initcrypt enable`"
+                    ),
+                });
+            }
+        }
+        Cmd::Enable(c) => {
+            let opts = en::Options {
+                volume_type: volume_type(&c.volume_type)?,
+                force: c.force.clone(),
+                format_empty: c.format_empty,
+            };
+            en::enable(&target, &opts, &mut out)?;
+        }
+        Cmd::Disable(c) => en::disable(&target, volume_type(&c.volume_type)?, &mut out)?,
+        _ => {}
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
     let cfg = cli.config.as_path();
     match &cli.cmd {
@@ -357,8 +463,6 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
             Direction::Decrypt,
         )?,
         Cmd::Decrypt(d) => boot::pass_one(cfg, params, &d.name, Direction::Decrypt)?,
-        Cmd::Enable(_) => not_yet("enable")?,
-        Cmd::Disable(_) => not_yet("disable")?,
         Cmd::Rotate(r) => initcrypt::lifecycle::rotate::run(
             cfg,
             params,
@@ -368,7 +472,7 @@ fn run(cli: &Cli, params: &BootParams) -> Result<(), Failure> {
                 json: r.json,
             },
         )?,
-        Cmd::Check(_) => not_yet("check")?,
+        Cmd::Enable(_) | Cmd::Disable(_) | Cmd::Check(_) => lifecycle_cmd(cli)?,
     }
     Ok(())
 }

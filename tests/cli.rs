@@ -36,7 +36,8 @@ fn every_subcommand_has_help() {
 fn usage_errors_exit_2_and_unimplemented_never_succeeds() {
     let out = initcrypt().arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    for args in [&["encrypt", "--online", "x"][..], &["check"]] {
+    {
+        let args = ["encrypt", "--online", "x"];
         let out = initcrypt().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented"));
@@ -106,4 +107,81 @@ fn status_json_reports_missing_devices_without_waiting() {
     assert_eq!(v["data"], "NotMounted");
     assert_eq!(v["os"], "NotEncrypted");
     assert_eq!(v["volumes"][0]["name"], "d");
+}
+
+/// The lifecycle commands' usage errors exit 2 and change nothing; a tree that is not a VM root
+/// fails check with the layout code and one summary line.
+#[test]
+fn lifecycle_usage_and_an_empty_root() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    let root = dir.path().to_str().unwrap();
+    for args in [
+        &[
+            "enable",
+            "--volume-type",
+            "all",
+            "--format-empty",
+            "--root",
+            root,
+        ][..],
+        &["enable", "--volume-type", "bogus", "--root", root],
+        &["check", "--root", "/nonexistent-initcrypt-root"],
+        &[
+            "--config",
+            "/tmp/x.json",
+            "disable",
+            "--volume-type",
+            "data",
+            "--root",
+            root,
+        ],
+    ] {
+        let out = initcrypt().args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().count(),
+            1,
+            "{args:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("etc")).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let out = initcrypt()
+        .args(["check", "--root", root])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("fail  os.layout")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ok    memory")),
+        "{stdout}"
+    );
+    let out = initcrypt()
+        .args(["check", "--root", root, "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == "boot.partition" && f["level"] == "fail"));
 }

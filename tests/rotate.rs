@@ -172,7 +172,7 @@ impl Vol {
         match kind {
             Kind::Ours => {
                 let out = initcrypt()
-                    .args(["encrypt-image", "--device", data.to_str().unwrap()])
+                    .args(["encrypt-image", "--raw", "--device", data.to_str().unwrap()])
                     .args(["--header", hdr.to_str().unwrap(), "--key-file", keys_])
                     .args(["--sector-size", "4096"])
                     .output()
