@@ -1,6 +1,6 @@
 #!/bin/sh
 # Check that the shipped initcrypt binary is fully static and self-contained:
-#   * `file`, `ldd`, `readelf` agree it is static (no PT_INTERP, no DT_NEEDED), and it is <= 4 MiB;
+#   * `file`, `ldd`, `readelf` agree it is static (no PT_INTERP, no DT_NEEDED), and it is <= 5 MiB;
 #   * run under strace, it opens no shared object and no config file: nothing matching *.so*, /etc/...
 #     (except /etc/initcrypt/...), /usr/lib/..., /lib/..., openssl.cnf, ossl-modules, /usr/lib/ssl;
 #     runs: `initcrypt --help`, `initcrypt keyvol --device <FAT image labelled "BEK VOLUME">` (once the
@@ -22,7 +22,10 @@ set -eu
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=x86_64-unknown-linux-musl
-MAX_SIZE=$((4 * 1024 * 1024))
+# 5 MiB: was 4 MiB until libblkid (superblock probes, +170 KB) and the operator commands
+# (check, enable, disable, rotate, status: +400 KB) joined the one binary; optimising the
+# dependencies for size saved only 29 KB, the rest is libcryptsetup, OpenSSL and our code.
+MAX_SIZE=$((5 * 1024 * 1024))
 
 build=1
 if [ "${1:-}" = --no-build ]; then build=0; shift; fi
@@ -108,9 +111,9 @@ else
   check_static "$BIN" initcrypt
   size=$(stat -c %s "$BIN")
   if [ "$size" -le "$MAX_SIZE" ]; then
-    ok "initcrypt: size $size bytes <= 4 MiB"
+    ok "initcrypt: size $size bytes <= 5 MiB"
   else
-    fail "initcrypt: size $size bytes > 4 MiB ($MAX_SIZE)"
+    fail "initcrypt: size $size bytes > 5 MiB ($MAX_SIZE)"
   fi
 
   traced help 0 "$BIN" --help
