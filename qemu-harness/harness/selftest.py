@@ -64,10 +64,10 @@ def _grub(failures: list) -> None:
 
 def _cmdline(failures: list) -> None:
     c = guestboot.full_cmdline("root=UUID=x ro console=ttyS0 quiet", "extra=1")
-    _expect(c == "root=UUID=x ro console=ttyS0 quiet panic=-1 rd.shell=0 rd.emergency=poweroff extra=1",
+    _expect(c == "root=UUID=x ro console=ttyS0 quiet panic=-1 rd.shell=0 rd.emergency=poweroff no_timer_check extra=1",
             f"cmdline: harness arguments added once ({c})", failures)
     c = guestboot.full_cmdline("root=/dev/vda2 panic=5 console=tty0", "")
-    _expect(c.split().count("console=ttyS0") == 1 and "panic=-1" not in c and c.endswith("rd.emergency=poweroff"),
+    _expect(c.split().count("console=ttyS0") == 1 and "panic=-1" not in c and c.endswith("rd.emergency=poweroff no_timer_check"),
             f"cmdline: the guest's own panic= kept, console=ttyS0 added ({c})", failures)
 
 
