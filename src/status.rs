@@ -312,7 +312,7 @@ fn volume_status(
     };
     s.detail = match &obs {
         Observation::Unfinished { done, total, .. } => {
-            s.percent = Some(((done * 100).checked_div(*total).unwrap_or(0)).min(100) as u8);
+            s.percent = Some(crate::boot::percent(*done, *total).min(100) as u8);
             s.bytes_done = Some(*done);
             s.bytes_total = Some(*total);
             s.rate_bytes_per_sec = rate;

@@ -195,7 +195,7 @@ fn compose_backup(
 
 /// What the next boot does with a volume, in words.
 pub fn next_action(v: &Volume, obs: &Observation) -> String {
-    let pct = |done: &u64, total: &u64| (done * 100).checked_div(*total).unwrap_or(0);
+    let pct = |done: &u64, total: &u64| crate::boot::percent(*done, *total);
     match (v.desired, obs) {
         (Desired::Encrypted, Observation::Plaintext) => "encrypt in place, then open".into(),
         (
