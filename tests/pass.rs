@@ -928,3 +928,18 @@ fn set_fixed_segment(hdr: &Path, size: u64) {
     }
     std::fs::write(hdr, b).unwrap();
 }
+
+/// A fresh boot partition has no `luks/` yet: the journal, the first file of a pass, makes the
+/// header's directories (the dracut guest's first encryption failed on this).
+#[test]
+fn the_header_directory_is_made_when_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let img = plain_image(dir.path(), "d.img", 40, 0);
+    let before = sha256(&img);
+    let hdr = dir.path().join("boot/luks/nested/osluksheader");
+    ours_ok("encrypt-image", &img, &hdr, &key);
+    assert!(hdr.is_file(), "the final header is in the new directory");
+    ours_ok("decrypt-image", &img, &hdr, &key);
+    assert_eq!(sha256(&img), before);
+}

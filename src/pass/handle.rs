@@ -381,7 +381,26 @@ fn superblock(
 }
 
 fn create_journal(path: &Path, sb: Superblock) -> Result<Journal, Error> {
+    make_dirs(path).map_err(boot_err(path))?;
     Journal::create(path, sb).map_err(boot_err(path))
+}
+
+/// The journal is the first file of a pass, so it makes the directories the header path names
+/// (`luks/` on a fresh boot partition), each made durable in its parent before anything is
+/// written inside it.
+fn make_dirs(path: &Path) -> std::io::Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    make_dirs(dir)?;
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    super::journal::sync_dir(dir)
 }
 
 /// A new encryption starts only on a device that still shows the plaintext it should hold: the
