@@ -174,10 +174,23 @@ def base_key(flavour: str) -> str:
     return h.hexdigest()[:16]
 
 
+# What the deb layer does besides dpkg -i; part of its key, so a warm cache never serves a layer made the old way.
+# 2: /etc/machine-id is written (see _set_machine_id).
+LAYER_VERSION = "2"
+
+
+def _set_machine_id(tree: Path, key: str) -> None:
+    """A fixed machine-id in the layer. With the base's empty file every scenario's first boot was systemd's
+    "first boot": a transient id that systemd-machine-id-commit.service writes once / is writable, which failed
+    under load once in ~15 full-OS runs and left boot 1 `degraded`. Derived from the layer key: stable per layer."""
+    mid = hashlib.sha256(f"initcrypt-guest-{key}".encode()).hexdigest()[:32]
+    (tree / "etc" / "machine-id").write_text(mid + "\n")
+
+
 def deb_content_key(deb: Path) -> str:
     """Hash of the package's control and data members (names, modes, link targets, bytes) without mtimes:
     scripts/package-deb makes a new .deb file at every build even when nothing changed."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"layer v{LAYER_VERSION}\0".encode())
     for what in ("--ctrl-tarfile", "--fsys-tarfile"):
         data = subprocess.run(["dpkg-deb", what, str(deb)], capture_output=True, check=True).stdout
         with tarfile.open(fileobj=io.BytesIO(data)) as t:
@@ -364,6 +377,7 @@ def ensure_deb_layer(flavour: str, deb: Path, kernel_boot) -> GuestImage:
             shutil.copyfile(deb, tree / "var/tmp/initcrypt.deb")
             chroot_run(tree, ["dpkg", "-i", "/var/tmp/initcrypt.deb"], tmp / "dpkg.log")
             (tree / "var/tmp/initcrypt.deb").unlink()
+            _set_machine_id(tree, key)
             t_dpkg = time.monotonic() - t0 - t_copy
             meta = dict(base_meta)
             meta.update(deb=deb.name, deb_key=key, layer=final.name,
