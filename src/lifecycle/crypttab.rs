@@ -9,6 +9,8 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
+use super::tabfile::fields_of;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -39,40 +41,9 @@ pub struct Crypttab {
     lines: Vec<Line>,
 }
 
-fn is_blank(c: char) -> bool {
-    c == ' ' || c == '\t' || c == '\r'
-}
-
-fn split_fields(content: &str) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = None;
-    for (i, c) in content.char_indices() {
-        match (is_blank(c), start) {
-            (true, Some(s)) => {
-                out.push(s..i);
-                start = None;
-            }
-            (false, None) => start = Some(i),
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        out.push(s..content.len());
-    }
-    out
-}
-
 fn parse_line(raw: &str, index: usize) -> Result<Line, Error> {
-    let content = raw.strip_suffix('\n').unwrap_or(raw);
-    let first = content.trim_start_matches(is_blank);
-    if first.is_empty() || first.starts_with('#') {
-        return Ok(Line {
-            raw: raw.to_string(),
-            fields: Vec::new(),
-        });
-    }
-    let fields = split_fields(content);
-    if !(2..=4).contains(&fields.len()) {
+    let fields = fields_of(raw);
+    if !fields.is_empty() && !(2..=4).contains(&fields.len()) {
         return Err(Error::Malformed {
             line: index + 1,
             why: format!(

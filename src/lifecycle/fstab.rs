@@ -11,6 +11,8 @@
 
 use std::ops::Range;
 
+use super::tabfile::{content_of, fields_of, is_blank};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("line {line}: {why}; fix that line (man 5 fstab) and run again — nothing was changed")]
@@ -70,34 +72,6 @@ pub struct Fstab {
     lines: Vec<Line>,
 }
 
-fn is_blank(c: char) -> bool {
-    c == ' ' || c == '\t' || c == '\r'
-}
-
-/// Byte ranges of the whitespace-separated fields of `content` (no terminator).
-fn split_fields(content: &str) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = None;
-    for (i, c) in content.char_indices() {
-        match (is_blank(c), start) {
-            (true, Some(s)) => {
-                out.push(s..i);
-                start = None;
-            }
-            (false, None) => start = Some(i),
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        out.push(s..content.len());
-    }
-    out
-}
-
-fn content_of(raw: &str) -> &str {
-    raw.strip_suffix('\n').unwrap_or(raw)
-}
-
 /// Undo fstab's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
 pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -142,14 +116,13 @@ pub fn escape(s: &str) -> String {
 
 fn parse_line(raw: &str, index: usize) -> Result<Line, Error> {
     let content = content_of(raw);
-    let first = content.trim_start_matches(is_blank);
-    if first.is_empty() || first.starts_with('#') {
+    let fields = fields_of(raw);
+    if fields.is_empty() {
         return Ok(Line {
             raw: raw.to_string(),
-            fields: Vec::new(),
+            fields,
         });
     }
-    let fields = split_fields(content);
     let bad = |why: String| Error::Malformed {
         line: index + 1,
         why,

@@ -15,6 +15,7 @@ pub mod fstab;
 pub mod initramfs;
 pub mod machine;
 pub mod rotate;
+mod tabfile;
 pub mod volumes;
 
 use crate::config::Role;
